@@ -1,0 +1,334 @@
+r"""[`PruningConfig`]: one configuration for one-shot pruning and for sparse training.
+
+Field names never collide with [`~transformers.TrainingArguments`], so both parse from one command line with
+`HfArgumentParser((TrainingArguments, PruningConfig))`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils import PushToHubMixin
+
+from .masks import SparsityTarget
+
+
+CONFIG_NAME = "pruning_config.json"
+
+ONESHOT_METHODS = ("magnitude", "sparsegpt", "wanda")
+GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
+SPARSITY_SCHEDULES = ("constant", "cubic")
+MDGF_BACKWARDS = ("ste", "scaled")
+
+
+@dataclass
+class PruningConfig(PushToHubMixin):
+    r"""What to prune, how, and (for [`PruningTrainer`]) how the sparsity evolves while training.
+
+    Every field has help text (see `dataclasses.fields(PruningConfig)`); `hfprune prune --help` shows it. The string
+    `sparsity` is parsed once here into [`~hfprune.masks.SparsityTarget`] (`config.target`).
+
+    Example:
+        ```python
+        >>> from hfprune import PruningConfig
+        >>> config = PruningConfig(method="sparsegpt", sparsity="2:4")
+        >>> config.target.n, config.target.m, config.target.sparsity
+        (2, 4, 0.5)
+        ```
+    """
+
+    # --- what and how much -------------------------------------------------------------------------------------
+    method: str | None = field(
+        default=None,
+        metadata={
+            "help": "One-shot method: 'sparsegpt', 'wanda' or 'magnitude'. Required by `hfprune.prune`; in "
+            "PruningTrainer it prunes once before training starts (leave unset to start from the dense model)."
+        },
+    )
+    sparsity: str = field(
+        default="0.5",
+        metadata={
+            "help": "Target sparsity: a fraction of zeros such as 0.5, or an N:M pattern such as '2:4' (at most N "
+            "nonzeros in every M consecutive weights along the input dimension)."
+        },
+    )
+    targets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to prune, by name suffix ('q_proj') or regex matched against the full module name. "
+            "Default: every nn.Linear and Conv1D (in the decoder blocks for one-shot pruning)."
+        },
+    )
+    ignore: list[str] = field(
+        default_factory=lambda: ["lm_head"],
+        metadata={"help": "Modules never pruned, by name suffix or regex. Embeddings are never pruned."},
+    )
+    sparsity_overrides: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module sparsity: {name suffix or regex: sparsity}, the first match wins, e.g. "
+            "{'down_proj': '1:4'}. Other modules use `sparsity`."
+        },
+    )
+    skip_incompatible: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip (with a warning) modules whose input size is not a multiple of M instead of raising."
+        },
+    )
+    # --- one-shot calibration ----------------------------------------------------------------------------------
+    block_size: int = field(
+        default=128, metadata={"help": "SparseGPT column block size (lazy updates and unstructured mask selection)."}
+    )
+    dampening: float = field(
+        default=0.01, metadata={"help": "SparseGPT relative dampening: lambda = dampening * mean(diag(H))."}
+    )
+    num_calibration_samples: int = field(default=128, metadata={"help": "Number of calibration sequences."})
+    calibration_seq_len: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per calibration sequence. Default: min(2048, the model's max positions)."},
+    )
+    calibration_batch_size: int = field(
+        default=8, metadata={"help": "Calibration sequences run through a block at once."}
+    )
+    calibration_seed: int = field(default=0, metadata={"help": "Seed for drawing the calibration windows."})
+    pruning_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device that runs one decoder block at a time during one-shot pruning (the rest of the model "
+            "stays where it is). Default: 'cuda' when available, else 'cpu'."
+        },
+    )
+    # --- sparse training (PruningTrainer) ----------------------------------------------------------------------
+    gradient_flow: str = field(
+        default="ste",
+        metadata={
+            "help": "How pruned weights are treated while training: 'ste', 'srste', 'mdgf_linear', 'mdgf_exp', "
+            "'sdgf_stepwise', 'sdgf_geometric', or 'none' (pruned weights get no gradient and stay zero)."
+        },
+    )
+    srste_decay: float = field(
+        default=2e-4, metadata={"help": "SR-STE lambda_W: adds lambda_W * (1 - keep_mask) * W to the gradient."}
+    )
+    decay_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "MDGF decay rate beta per optimizer step: alpha = max(0, 1 - beta t) or exp(-beta t). Default: "
+            "derived from `decay_end_fraction` and max_steps."
+        },
+    )
+    decay_end_fraction: float = field(
+        default=0.7,
+        metadata={
+            "help": "When `decay_coef` is unset: fraction of training at which alpha reaches ~0 (0 for linear, "
+            "1e-3 for exponential)."
+        },
+    )
+    mdgf_backward: str = field(
+        default="ste",
+        metadata={
+            "help": "MDGF backward: 'ste' passes the gradient unchanged (the paper and its code), 'scaled' "
+            "multiplies it by keep_mask + alpha * (1 - keep_mask)."
+        },
+    )
+    sdgf_geometric_k: int = field(
+        default=16,
+        metadata={"help": "SDGF-geometric start multiplier k: 1:8 with k=16 runs 16:128, 8:64, 4:32, 2:16, 1:8."},
+    )
+    dense_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of optimizer steps trained dense before sparsification starts."}
+    )
+    finetune_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of optimizer steps at the end trained with the final binary mask."},
+    )
+    freeze_mask: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the mask fixed instead of recomputing it from |W| (always the case for "
+            "gradient_flow='none'). During fine-tuning see `freeze_mask_in_finetune`."
+        },
+    )
+    freeze_mask_in_finetune: bool = field(
+        default=False, metadata={"help": "Freeze the mask during the fine-tune phase."}
+    )
+    sparsity_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' (the target from the first sparse step) or 'cubic' (gradual magnitude pruning, "
+            "Zhu & Gupta 2017; unstructured only)."
+        },
+    )
+    schedule_initial_sparsity: float = field(default=0.0, metadata={"help": "Cubic schedule: starting sparsity."})
+    schedule_start_fraction: float = field(
+        default=0.0, metadata={"help": "Cubic schedule: fraction of training where sparsity starts to rise."}
+    )
+    schedule_end_fraction: float = field(
+        default=0.8, metadata={"help": "Cubic schedule: fraction of training where the target is reached."}
+    )
+    schedule_frequency: int = field(default=100, metadata={"help": "Cubic schedule: recompute the mask every N steps."})
+    hfprune_version: str | None = field(
+        default=None, metadata={"help": "hfprune version that wrote this config (set automatically)."}
+    )
+
+    def __post_init__(self):
+        from . import __version__
+
+        if self.hfprune_version is None:
+            self.hfprune_version = __version__
+        if not isinstance(self.sparsity, str):
+            self.sparsity = str(self.sparsity)
+        self.target = SparsityTarget.parse(self.sparsity, field="sparsity")
+        if self.method is not None:
+            self.method = self.method.lower()
+            if self.method not in ONESHOT_METHODS:
+                raise ValueError(f"`method`={self.method!r} is unknown; choose one of {', '.join(ONESHOT_METHODS)}.")
+        _check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
+        _check_choice("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES)
+        _check_choice("mdgf_backward", self.mdgf_backward, MDGF_BACKWARDS)
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        for name in ("targets", "ignore"):
+            for pattern in getattr(self, name) or []:
+                _compile(name, pattern)
+        self.overrides: list[tuple[str, SparsityTarget]] = []
+        for pattern, value in (self.sparsity_overrides or {}).items():
+            _compile("sparsity_overrides", pattern)
+            self.overrides.append((pattern, SparsityTarget.parse(value, field=f"sparsity_overrides[{pattern!r}]")))
+        self.sparsity_overrides = {p: str(t.to_json()) for p, t in self.overrides} or None
+
+        _check_positive("block_size", self.block_size)
+        _check_positive("num_calibration_samples", self.num_calibration_samples)
+        _check_positive("calibration_batch_size", self.calibration_batch_size)
+        if self.calibration_seq_len is not None:
+            _check_positive("calibration_seq_len", self.calibration_seq_len)
+        for target in [self.target] + [t for _, t in self.overrides]:
+            if target.is_nm and self.block_size % target.m:
+                raise ValueError(
+                    f"`block_size`={self.block_size} must be a multiple of M={target.m} so that N:M groups line up "
+                    f"with SparseGPT's column blocks; use e.g. `block_size`={max(128 // target.m, 1) * target.m}."
+                )
+        if not 0.0 <= self.dampening < 1.0:
+            raise ValueError(f"`dampening` must be in [0, 1), got {self.dampening}.")
+        if self.decay_coef is not None and not self.decay_coef > 0:
+            raise ValueError(f"`decay_coef` (beta) must be > 0, got {self.decay_coef}; leave it unset to derive it.")
+        if not 0.0 < self.decay_end_fraction <= 1.0:
+            raise ValueError(f"`decay_end_fraction` must be in (0, 1], got {self.decay_end_fraction}.")
+        if self.srste_decay < 0:
+            raise ValueError(f"`srste_decay` must be >= 0, got {self.srste_decay}.")
+        if self.sdgf_geometric_k < 1 or self.sdgf_geometric_k & (self.sdgf_geometric_k - 1):
+            raise ValueError(f"`sdgf_geometric_k` must be a power of two >= 1, got {self.sdgf_geometric_k}.")
+        for name in ("dense_fraction", "finetune_fraction", "schedule_initial_sparsity"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+        if self.dense_fraction + self.finetune_fraction >= 1.0:
+            raise ValueError(
+                f"`dense_fraction` ({self.dense_fraction}) + `finetune_fraction` ({self.finetune_fraction}) must be "
+                "below 1 so that some steps are left for sparsification."
+            )
+        if not 0.0 <= self.schedule_start_fraction < self.schedule_end_fraction <= 1.0:
+            raise ValueError(
+                "`schedule_start_fraction` must be < `schedule_end_fraction`, both in [0, 1]; got "
+                f"{self.schedule_start_fraction} and {self.schedule_end_fraction}."
+            )
+        _check_positive("schedule_frequency", self.schedule_frequency)
+        if self.sparsity_schedule == "cubic" and self.target.is_nm:
+            raise ValueError(
+                f"`sparsity_schedule`='cubic' is gradual unstructured pruning; `sparsity`={self.sparsity!r} is N:M. "
+                "Use a fraction such as 0.9, or an N:M `gradient_flow` with `sparsity_schedule`='constant'."
+            )
+        if self.gradient_flow.startswith("sdgf") and not self.target.is_nm:
+            raise ValueError(f"`gradient_flow`={self.gradient_flow!r} steps an N:M pattern; set `sparsity` to N:M.")
+
+    # --- per-module resolution ---------------------------------------------------------------------------------
+    def target_for(self, module_name: str) -> SparsityTarget:
+        r"""The sparsity target of `module_name`: the first matching `sparsity_overrides` entry, else `sparsity`."""
+        for pattern, target in self.overrides:
+            if name_matches(module_name, pattern):
+                return target
+        return self.target
+
+    def is_target(self, module_name: str) -> bool:
+        r"""Whether `module_name` passes `targets` and `ignore` (the module type is checked elsewhere)."""
+        if any(name_matches(module_name, p) for p in self.ignore or []):
+            return False
+        return self.targets is None or any(name_matches(module_name, p) for p in self.targets)
+
+    # --- serialization ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        r"""Builds a config from a dict, ignoring keys this version does not know (such as the per-module record)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        r"""Writes `pruning_config.json` into `save_directory` (atomically), optionally pushing it to the Hub."""
+        os.makedirs(save_directory, exist_ok=True)
+        write_json_atomic(os.path.join(save_directory, CONFIG_NAME), self.to_dict())
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
+            repo_id = self._create_repo(repo_id, **kwargs)
+            files_timestamps = self._get_files_timestamps(save_directory)
+            self._upload_modified_files(save_directory, repo_id, files_timestamps, token=kwargs.get("token"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> PruningConfig:
+        r"""Loads `pruning_config.json` from a folder, a file path, or a Hub repo id."""
+        path = str(path)
+        if os.path.isfile(path):
+            file = path
+        elif os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; was it written by hfprune?")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, CONFIG_NAME, **kwargs)
+        with open(file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    r"""`pattern` matches a module `name` if it equals it, is a dotted suffix of it, or fully matches it as a regex."""
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    r"""Writes JSON to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _compile(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"`{field_name}` entry {pattern!r} is not a valid regex: {e}.") from None
+
+
+def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{field_name}`={value!r} is unknown; choose one of {', '.join(choices)}.")
+
+
+def _check_positive(field_name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
+

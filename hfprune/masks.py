@@ -1,0 +1,149 @@
+r"""Keep-mask math: sparsity targets, score-based masks and pattern checks.
+
+Conventions used everywhere in hfprune:
+
+- A weight matrix is seen as `(out, in)`, the `nn.Linear` layout. GPT-2's `Conv1D` stores `(in, out)`; callers
+  transpose it before it reaches this module (see [`~hfprune.targets.weight_view`]).
+- A *keep mask* is a `bool` tensor of the weight's shape: `True` = the weight is kept, `False` = it is pruned.
+- **N:M** means *at most N nonzeros in every M consecutive weights along the input dimension*. So 2:4 keeps 2 of 4
+  (50% sparsity) and 1:4 keeps 1 of 4 (75% sparsity). Some reference code counts the pruned weights instead;
+  hfprune never does.
+
+Everything here is a pure function on tensors: no modules, no hooks, no device policy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityTarget:
+    r"""A parsed sparsity target: an unstructured fraction of zeros, or an N:M pattern.
+
+    Args:
+        sparsity (`float`):
+            Fraction of weights that are zero, in `[0, 1)`. For N:M it is `1 - n / m`.
+        n (`int`, *optional*):
+            Weights kept in every group of `m` (N:M only).
+        m (`int`, *optional*):
+            Group size along the input dimension (N:M only).
+    """
+
+    sparsity: float
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    @classmethod
+    def parse(cls, value: float | int | str | SparsityTarget, field: str = "sparsity") -> SparsityTarget:
+        r"""Parses `0.5`, `"0.5"`, `"50%"` or `"2:4"`; raises a `ValueError` that names `field` otherwise."""
+        if isinstance(value, SparsityTarget):
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"`{field}` must be a fraction such as 0.5 or an N:M pattern such as '2:4', got {value!r}.")
+        if isinstance(value, str):
+            match = _NM_RE.match(value)
+            if match:
+                n, m = int(match.group(1)), int(match.group(2))
+                if m < 1:
+                    raise ValueError(f"`{field}`={value!r}: M must be at least 1.")
+                if n < 1:
+                    raise ValueError(f"`{field}`={value!r}: N must be at least 1 (N is the number of weights kept).")
+                if n > m:
+                    raise ValueError(
+                        f"`{field}`={value!r}: N ({n}) is larger than M ({m}); N:M keeps N of every M weights, "
+                        f"so use e.g. '{m // 2 or 1}:{m}'."
+                    )
+                return cls(sparsity=1.0 - n / m, n=n, m=m)
+            text = value.strip()
+            try:
+                value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+            except ValueError:
+                raise ValueError(
+                    f"`{field}`={value!r} is neither a fraction (0.5, '50%') nor an N:M pattern ('2:4')."
+                ) from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"`{field}` must be in [0, 1) (the fraction of zeros), got {value!r}.")
+        return cls(sparsity=float(value))
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
+
+    def to_json(self) -> str | float:
+        return f"{self.n}:{self.m}" if self.is_nm else self.sparsity
+
+
+def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    r"""Keeps the `n` highest scores in every `m` consecutive entries of each row.
+
+    Args:
+        scores (`torch.Tensor` of shape `(out, in)`): importance scores, higher = more important.
+        n (`int`): entries kept per group.
+        m (`int`): group size; must divide `in`.
+
+    Example:
+        ```python
+        >>> nm_keep_mask(torch.arange(1.0, 9.0)[None], 2, 4).int().tolist()
+        [[0, 0, 1, 1, 0, 0, 1, 1]]
+        ```
+    """
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"an {n}:{m} pattern needs the input size to be a multiple of {m}, got {cols}.")
+    groups = scores.reshape(rows, cols // m, m)  # (out, in/m, m)
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def unstructured_keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
+    r"""Prunes exactly `floor(sparsity * count)` lowest scores, over the whole matrix or in every row.
+
+    Args:
+        scores (`torch.Tensor` of shape `(out, in)`): importance scores, higher = more important.
+        sparsity (`float`): fraction to prune.
+        per_row (`bool`, *optional*, defaults to `False`):
+            Compare weights within each output row (Wanda) instead of across the whole matrix (magnitude).
+    """
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if per_row:
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+        return keep
+    k = int(scores.numel() * sparsity)
+    if k:
+        keep.view(-1)[scores.reshape(-1).topk(k, largest=False).indices] = False
+    return keep
+
+
+def keep_mask_from_scores(scores: torch.Tensor, target: SparsityTarget, per_row: bool = False) -> torch.Tensor:
+    r"""The keep mask for `target`: N:M groups, or unstructured per matrix / per row."""
+    if target.is_nm:
+        return nm_keep_mask(scores, target.n, target.m)
+    return unstructured_keep_mask(scores, target.sparsity, per_row=per_row)
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    r"""Number of `m`-groups along the input dimension of `weight` `(out, in)` that hold more than `n` nonzeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return rows * math.ceil(cols / m)
+    nonzeros = (weight != 0).reshape(rows, cols // m, m).sum(-1)  # (out, in/m)
+    return int((nonzeros > n).sum())
+
+
+def sparsity_of(tensor: torch.Tensor) -> float:
+    r"""Fraction of exact zeros in `tensor`."""
+    return 1.0 - int(torch.count_nonzero(tensor)) / max(tensor.numel(), 1)

@@ -1,0 +1,312 @@
+r"""One-shot pruning of a causal LM, block by block. The one place that walks blocks, moves devices and runs hooks.
+
+```
+tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [block L-1]
+                          │
+  for each block:  1. run the calibration batches with input hooks ─► one statistic per distinct input
+                   2. prune every target module from its statistic (q/k/v share one, gate/up share one)
+                   3. re-run the batches through the pruned block ─► inputs of the next block
+```
+
+Only the block being pruned sits on the compute device; the other blocks stay where they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import STATISTIC_TYPES, calibration_windows
+from .config import PruningConfig
+from .masks import SparsityTarget, sparsity_of
+from .methods import PruningMethod, get_method
+from .report import ModuleReport, PruningReport
+from .targets import find_decoder_blocks, find_targets, in_features, weight_view
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def prune(
+    model: nn.Module,
+    config: PruningConfig,
+    calibration=None,
+    tokenizer=None,
+    progress: bool = True,
+    return_masks: bool = False,
+) -> PruningReport:
+    r"""Prunes `model` in place, one decoder block at a time, and reports what was done.
+
+    Args:
+        model (`transformers.PreTrainedModel`): a causal LM (Llama, Mistral, Qwen2, OPT, GPT-2, GPT-NeoX, ...).
+        config ([`PruningConfig`]): `method` and `sparsity` at least.
+        calibration (*optional*): calibration text for SparseGPT and Wanda: a text file, a saved dataset folder, a
+            dataset name (`"name:config"`), a list of strings, or a `LongTensor` of ids `(samples, seq_len)`.
+            Magnitude pruning needs none.
+        tokenizer (*optional*): the model's tokenizer, to tokenize `calibration` text.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar over blocks.
+        return_masks (`bool`, *optional*, defaults to `False`):
+            Keep every module's `keep_mask` (on CPU) in `report.keep_masks`.
+
+    Returns:
+        [`PruningReport`]: per module pattern, sparsity, reconstruction error (SparseGPT) and seconds.
+
+    Example:
+        ```python
+        >>> from hfprune import PruningConfig, prune
+        >>> report = prune(model, PruningConfig(method="sparsegpt", sparsity="2:4"), "calib.txt", tokenizer)
+        >>> print(report)
+        ```
+    """
+    if config.method is None:
+        raise ValueError("`method` is not set; use PruningConfig(method='sparsegpt' | 'wanda' | 'magnitude', ...).")
+    method = get_method(config.method)
+    blocks_path, blocks = find_decoder_blocks(model)
+    block_targets = [find_targets(block, config, prefix=f"{blocks_path}.{i}") for i, block in enumerate(blocks)]
+    if not any(block_targets):
+        raise ValueError(
+            f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
+        )
+    report = PruningReport(method=method.name, pattern=str(config.target))
+    report.keep_masks = {} if return_masks else None
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if method.statistic == "none":
+                for targets in tqdm(block_targets, desc=f"{method.name}", disable=not progress, unit="block"):
+                    for name, module in targets.items():
+                        _prune_module(name, module, method, None, config, report)
+            else:
+                _prune_calibrated(model, blocks, block_targets, method, config, calibration, tokenizer, progress, report)
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is not None:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_seq_len(model: nn.Module, requested: int | None) -> int:
+    r"""The calibration/evaluation length: `requested`, checked against the model's positions, or a default."""
+    cfg = getattr(model, "config", None)
+    max_positions = None
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        max_positions = getattr(cfg, attr, None)
+        if isinstance(max_positions, int):
+            break
+    if requested is None:
+        return min(DEFAULT_MAX_SEQ_LEN, max_positions or DEFAULT_MAX_SEQ_LEN)
+    if max_positions is not None and requested > max_positions:
+        raise ValueError(
+            f"sequence length {requested} is beyond the model's {max_positions} positions; use --seq-len "
+            f"(`calibration_seq_len`) of at most {max_positions}."
+        )
+    return requested
+
+
+def _prune_calibrated(model, blocks, block_targets, method, config, calibration, tokenizer, progress, report):
+    if calibration is None:
+        raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
+    device = resolve_device(config.pruning_device)
+    seq_len = resolve_seq_len(model, config.calibration_seq_len)
+    tokens = calibration_windows(calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed)
+    hidden, extra = _capture_block_inputs(model, blocks, tokens, config.calibration_batch_size, device)
+    statistic_type = STATISTIC_TYPES[method.statistic]
+
+    for index in tqdm(range(len(blocks)), desc=f"{method.name}", disable=not progress, unit="block"):
+        block, targets = blocks[index], block_targets[index]
+        home = _device_of(block)
+        block.to(device)
+        if targets:
+            # 1. one statistic per distinct input tensor: modules called on the same tensor object share it
+            collector = _StatisticCollector(targets, statistic_type, device)
+            try:
+                _run_block(block, hidden, extra, write_back=False, before_batch=collector.next_batch)
+            finally:
+                collector.remove()
+            stats, leader_of = collector.stats, collector.leader_of
+            # 2. prepare once per input (SparseGPT: one factorisation), then prune every module that reads it
+            prepared = {}
+            for name, module in targets.items():
+                leader = leader_of[name]
+                if leader not in prepared:
+                    raw = stats.pop(leader).result()
+                    prepared[leader] = method.prepare(raw, config) if method.prepare else raw
+                _prune_module(name, module, method, prepared[leader], config, report)
+            del prepared, stats, collector
+        # 3. the pruned block's outputs calibrate the next block
+        if index + 1 < len(blocks):
+            _run_block(block, hidden, extra, write_back=True)
+        block.to(home)
+    hidden.clear()
+
+
+def _prune_module(name, module, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
+    start = time.perf_counter()
+    target: SparsityTarget = config.target_for(name)
+    weight = weight_view(module)  # (out, in), a view of the parameter
+    result = method.prune_weight(weight.detach(), stats, target, config)
+    weight.copy_(result.weight)
+    numel = weight.numel()
+    sparsity = sparsity_of(weight)
+    report.modules[name] = ModuleReport(
+        pattern=str(target),
+        sparsity=sparsity,
+        num_zeros=round(sparsity * numel),
+        numel=numel,
+        error=result.error,
+        seconds=time.perf_counter() - start,
+    )
+    if report.keep_masks is not None:
+        report.keep_masks[name] = result.keep_mask.cpu()
+
+
+class _StatisticCollector:
+    r"""Forward pre-hooks that accumulate one statistic per distinct input tensor of a block's target modules.
+
+    On the first batch every module learns its *leader*: the first module that was called on the same tensor
+    object (q/k/v on the normed hidden states, gate/up on the MLP input). Only leaders accumulate.
+    """
+
+    def __init__(self, targets: dict[str, nn.Module], statistic_type, device: torch.device):
+        self.stats: dict = {}
+        self.leader_of: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(name, module, statistic_type, device))
+            for name, module in targets.items()
+        ]
+
+    def _hook(self, name, module, statistic_type, device):
+        def hook(_, args):
+            x = args[0]
+            if name not in self.leader_of:
+                entry = self._seen.get(id(x))
+                self.leader_of[name] = entry[1] if entry is not None and entry[0] is x else name
+            if self.leader_of[name] != name:
+                return
+            if not torch.isfinite(x).all():
+                raise ValueError(
+                    f"calibration activations entering {name!r} contain NaN or Inf: the model overflows on this "
+                    "data (try float32 or bfloat16 instead of float16), or its weights are broken."
+                )
+            self._seen[id(x)] = (x, name)
+            if name not in self.stats:
+                self.stats[name] = statistic_type(in_features(module), device)
+            self.stats[name].update(x)
+
+        return hook
+
+    def next_batch(self) -> None:
+        self._seen.clear()  # drop references to the last batch's activations
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        super().__init__("captured the inputs of the first decoder block")
+        self.args, self.kwargs = args, kwargs
+
+
+class _Catcher(nn.Module):
+    r"""Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        raise _Captured(args, kwargs)
+
+    def __getattr__(self, name):  # the model may read attributes of its layers (e.g. `attention_type`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def _capture_block_inputs(model, blocks, tokens, batch_size, device):
+    r"""Runs the model up to block 0 and returns its hidden states per batch and the other call arguments.
+
+    The extra arguments (attention mask, position ids, rotary embeddings, ...) depend only on the batch shape, so
+    they are stored once per batch size rather than once per batch.
+    """
+    hidden: list[torch.Tensor] = []
+    extra: dict[int, tuple[tuple, dict]] = {}
+    blocks[0] = _Catcher(blocks[0])
+    restore = _place_outside_blocks(model, blocks, device)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured as captured:
+                args, kwargs = captured.args, dict(captured.kwargs)
+                if args:
+                    x, rest = args[0], args[1:]
+                else:
+                    x, rest = kwargs.pop("hidden_states"), ()
+                hidden.append(x)
+                extra.setdefault(batch.shape[0], (rest, kwargs))
+            else:
+                raise RuntimeError("the model's forward pass never reached its first decoder block.")
+    finally:
+        blocks[0] = blocks[0].block
+        restore()
+    return hidden, extra
+
+
+def _run_block(block, hidden: list[torch.Tensor], extra, write_back: bool, before_batch=None) -> None:
+    for i, x in enumerate(hidden):
+        if before_batch is not None:
+            before_batch()
+        rest, kwargs = extra[x.shape[0]]
+        out = block(x, *rest, **kwargs)
+        if write_back:
+            hidden[i] = out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Callable[[], None]:
+    r"""Moves every parameter and buffer outside `blocks` to `device`; returns a function that moves them back."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    moved_params, moved_buffers = [], []
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in inside and param.device != device:
+                moved_params.append((param, param.device))
+                param.data = param.data.to(device)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) not in inside and buffer.device != device:
+                moved_buffers.append((module, key, buffer.device))
+                module._buffers[key] = buffer.to(device)
+
+    def restore():
+        for param, home in moved_params:
+            param.data = param.data.to(home)
+        for module, key, home in moved_buffers:
+            module._buffers[key] = module._buffers[key].to(home)
+
+    return restore
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")
