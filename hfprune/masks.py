@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -107,6 +108,11 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
+def num_to_prune(count: int, sparsity: float) -> int:
+    r"""`floor(sparsity * count)`, taken on the decimal value of `sparsity`: in floats `0.57 * 100` is `56.99...`."""
+    return math.floor(Fraction(repr(float(sparsity))) * count)
+
+
 def unstructured_keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     r"""Prunes exactly `floor(sparsity * count)` lowest scores, over the whole matrix or in every row.
 
@@ -118,11 +124,11 @@ def unstructured_keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool 
     """
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if per_row:
-        k = int(scores.shape[1] * sparsity)
+        k = num_to_prune(scores.shape[1], sparsity)
         if k:
             keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
         return keep
-    k = int(scores.numel() * sparsity)
+    k = num_to_prune(scores.numel(), sparsity)
     if k:
         keep.view(-1)[scores.reshape(-1).topk(k, largest=False).indices] = False
     return keep
