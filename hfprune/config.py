@@ -266,7 +266,7 @@ class PruningConfig(PushToHubMixin):
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
@@ -308,10 +308,13 @@ def name_matches(name: str, pattern: str) -> bool:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    r"""Writes JSON to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    r"""Writes JSON to `path` through a temporary file and a rename, so a reader never sees half a file.
+
+    Keys keep their order (no `sort_keys`): the order of `sparsity_overrides` decides which entry matches first.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
 
