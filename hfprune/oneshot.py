@@ -121,7 +121,10 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
     if calibration is None:
         raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
     device = resolve_device(config.pruning_device)
-    seq_len = resolve_seq_len(model, config.calibration_seq_len)
+    requested = config.calibration_seq_len
+    if requested is None and isinstance(calibration, torch.Tensor):
+        requested = calibration.shape[-1]  # ids given as (samples, seq_len) keep their length unless told otherwise
+    seq_len = resolve_seq_len(model, requested)
     tokens = calibration_windows(calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed)
     hidden, extra = _capture_block_inputs(model, blocks, tokens, config.calibration_batch_size, device)
     statistic_type = STATISTIC_TYPES[method.statistic]

@@ -2,12 +2,16 @@ r"""Which modules are prunable, how to read their weights as `(out, in)`, and wh
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PruningConfig
 
+
+logger = logging.getLogger(__name__)
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
 
@@ -46,7 +50,7 @@ def find_targets(model: nn.Module, config: PruningConfig, prefix: str = "") -> d
         prefix (`str`, *optional*): the full name of `model` inside the whole model, so that names match.
 
     Raises a `ValueError` naming the module when an N:M group size does not divide its input size, unless
-    `config.skip_incompatible` is set, in which case the module is left out.
+    `config.skip_incompatible` is set, in which case the module is left out with a warning.
     """
     found = {}
     for name, module in model.named_modules():
@@ -56,6 +60,10 @@ def find_targets(model: nn.Module, config: PruningConfig, prefix: str = "") -> d
         target = config.target_for(full)
         if target.is_nm and in_features(module) % target.m:
             if config.skip_incompatible:
+                logger.warning(
+                    f"skipping {full!r}: its {in_features(module)} inputs are not a multiple of M={target.m} "
+                    f"(`skip_incompatible=True`)."
+                )
                 continue
             raise ValueError(
                 f"module {full!r} has {in_features(module)} inputs, not a multiple of M={target.m} for "
