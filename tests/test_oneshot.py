@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from hfprune import PruningConfig, prune
-from hfprune.calibration import STATISTIC_TYPES
+from hfprune.calibration import STATISTIC_TYPES, calibration_windows, load_text, tokenize_text
 from hfprune.masks import nm_violations, sparsity_of
 from hfprune.methods import METHODS
 from hfprune.oneshot import _place_outside_blocks
@@ -205,6 +205,60 @@ def test_sparsity_overrides_and_targets(tiny_model, calibration_ids):
             assert entry.pattern == "2:4" and nm_violations(weight, 2, 4) == 0
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.gate_proj"):
         assert torch.equal(modules[name].weight, before[f"{name}.weight"])
+
+
+def test_batching_does_not_change_the_result(tiny_model, calibration_ids):
+    # Batches of 3 leave a last batch of 2: its attention mask and position embeddings are captured separately.
+    whole, batched = tiny_model("llama"), tiny_model("llama")
+    batched.load_state_dict(whole.state_dict())
+    a = prune(whole, small_config("sparsegpt", calibration_batch_size=8), calibration_ids, return_masks=True)
+    b = prune(batched, small_config("sparsegpt", calibration_batch_size=3), calibration_ids, return_masks=True)
+    assert all(torch.equal(a.keep_masks[name], b.keep_masks[name]) for name in a.keep_masks)
+    for (name, p), q in zip(whole.named_parameters(), batched.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_bfloat16_model(method, tiny_model, calibration_ids):
+    model = tiny_model("llama").to(torch.bfloat16)
+    prune(model, small_config(method), calibration_ids, progress=False)
+    for name, module in linear_modules(model).items():
+        assert module.weight.dtype == torch.bfloat16, name
+        assert nm_violations(weight_view(module), 2, 4) == 0, name
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration_ids[:2]).logits).all()
+
+
+# --- calibration data ------------------------------------------------------------------------------------------
+
+
+def test_calibration_windows_are_seeded_non_overlapping_slices(char_tokenizer, calibration_text):
+    ids = tokenize_text(load_text(calibration_text), char_tokenizer)
+    slots = ids.numel() // 32
+    windows = calibration_windows(calibration_text, char_tokenizer, num_samples=slots, seq_len=32, seed=0)
+    assert windows.shape == (slots, 32) and windows.dtype == torch.long
+    starts = []
+    for window in windows:
+        matches = [s for s in range(0, slots * 32, 32) if torch.equal(ids[s : s + 32], window)]
+        assert len(matches) >= 1
+        starts.append(matches[0])
+    assert sorted(starts) == list(range(0, slots * 32, 32))  # every slot once: no overlap, tail dropped
+    again = calibration_windows(calibration_text, char_tokenizer, num_samples=4, seq_len=32, seed=0)
+    assert torch.equal(again, windows[:4])  # the seed fixes the order
+    other = calibration_windows(calibration_text, char_tokenizer, num_samples=slots, seq_len=32, seed=1)
+    assert not torch.equal(other, windows)
+
+
+def test_load_text_from_a_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"id": [1, 2], "text": ["first doc", "second doc"]}).save_to_disk(tmp_path / "one")
+    assert load_text(str(tmp_path / "one")) == "first doc\n\nsecond doc"  # the first string column
+    splits = {"train": {"body": ["a"]}, "test": {"body": ["b", "c"]}}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(tmp_path / "dd")
+    assert load_text(str(tmp_path / "dd")) == "a"
+    assert load_text(str(tmp_path / "dd"), split="test") == "b\n\nc"
+    with pytest.raises(ValueError, match="has no split 'validation'; it has train, test"):
+        load_text(str(tmp_path / "dd"), split="validation")
 
 
 # --- sequential propagation and shared statistics --------------------------------------------------------------
