@@ -34,6 +34,10 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
 
     Dead inputs get `H_jj = 1`. Dampening is relative, `lambda = dampening * mean(diag(H))`, so the scale of `H`
     does not matter. Shared by every module that reads the same input: call it once per input.
+
+    The upper factor of `H^-1` comes from one Cholesky and one triangular solve instead of Cholesky, inverse and a
+    second Cholesky: with `J` the reversal permutation and `J H J = M M^T`, `U = J M^-1 J` is upper triangular and
+    `U^T U = J M^-T M^-1 J = H^-1`.
     """
     dampening = 0.01 if config is None else config.dampening
     H = H.to(ACCUMULATE_DTYPE)
@@ -41,11 +45,21 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(dampening * diag.mean())
-    L = torch.linalg.cholesky(H)  # H = L L^T
-    Hinv = torch.cholesky_inverse(L)  # (in, in)
-    del L
-    U = torch.linalg.cholesky(Hinv, upper=True)  # Hinv = U^T U
+    M = torch.linalg.cholesky(H.flip(0, 1))  # J H J = M M^T, lower
+    del H
+    identity = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    U = torch.linalg.solve_triangular(M, identity, upper=False).flip(0, 1)  # J M^-1 J, upper
     return SparseGPTFactor(U, dead)
+
+
+def _select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    r"""`bool` mask of exactly the `k` lowest entries of `scores` (ties broken by position)."""
+    flat = scores.reshape(-1)
+    threshold = flat.kthvalue(k).values
+    chosen = flat < threshold
+    ties = (flat == threshold).nonzero().squeeze(1)[: k - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen.view(scores.shape)
 
 
 @register_method("sparsegpt", statistic="hessian", prepare=factorize)
@@ -58,56 +72,64 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
         target ([`~hfprune.masks.SparsityTarget`]): unstructured fraction or N:M.
         config ([`PruningConfig`], *optional*): supplies `block_size` (default 128).
 
-    The columns are walked in blocks of `B = block_size`:
+    The columns are walked in blocks of `B = block_size`, and inside a block in sub-blocks of `S` columns:
 
     ```
-            i1        i2
-      W  [ done  |  block  |   rest    ]      block: prune column by column, error E (out, B)
-                     |                        rest:  W[:, i2:] -= E @ U[i1:i2, i2:]   (lazy batched update)
+            i1                      i2
+      W  [ done  | s1  sub  s2 | ... |   rest    ]
+                   column by column: err_j = w_j / U_jj on pruned entries, then a rank-1 update of the sub-block
+                   end of sub-block: W1[:, s2:]  -= E[:, s1:s2] @ U[s1:s2, s2:]     (rest of the block)
+                   end of block:     W[:, i2:]   -= E @ U[i1:i2, i2:]               (rest of the matrix)
     ```
 
-    Unstructured masks are chosen once per block over all rows x B columns (sparsity per block, not per row), by
-    the OBS score `w^2 / U_jj^2`. N:M masks are chosen every `m` columns inside the block from the weights *as
-    updated so far*, which is why that selection stays inside the column loop.
+    The lazy updates are exact: every column holds its fully updated value when it is reached. Unstructured masks
+    are chosen once per block over all rows x B columns (sparsity per block, not per row), by the OBS score
+    `w^2 / U_jj^2`. N:M masks are chosen every `m` columns from the weights *as updated so far*, which is why that
+    selection stays inside the column loop.
     """
     block_size = 128 if config is None else config.block_size
     U, dead = factor
     rows, cols = weight.shape
-    W = weight.to(ACCUMULATE_DTYPE, copy=True)  # (out, in)
-    W[:, dead] = 0
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    losses = torch.zeros(rows, dtype=ACCUMULATE_DTYPE, device=W.device)
+    # Work on the transpose (in, out): column j of W is then the contiguous row Wt[j], which makes the per-column
+    # rank-1 updates an order of magnitude faster on CPU than strided column updates.
+    Wt = weight.t().to(ACCUMULATE_DTYPE, memory_format=torch.contiguous_format, copy=True)  # (in, out)
+    Wt[dead] = 0
+    pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)  # (in, out)
+    loss = torch.zeros((), dtype=ACCUMULATE_DTYPE, device=Wt.device)
     n, m = target.n, target.m
+    sub = m * -(-16 // m) if target.is_nm else 16  # sub-block width, a multiple of m
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         width = i2 - i1
-        W1 = W[:, i1:i2].clone()  # (out, B)
+        W1 = Wt[i1:i2].clone()  # (B, out)
         U1 = U[i1:i2, i1:i2]  # (B, B)
         d = U1.diagonal()  # (B,)
-        E = torch.zeros_like(W1)  # (out, B)
-        pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # (out, B)
+        E = torch.zeros_like(W1)  # (B, out): err_j = (w_j - q_j) / U_jj
+        pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # (B, out)
         if not target.is_nm:
             k = int(target.sparsity * rows * width)
             if k:
-                scores = W1.square() / d.square()[None, :]  # (out, B)
-                pruned1.view(-1)[scores.view(-1).topk(k, largest=False).indices] = True
-        for j in range(width):
-            if target.is_nm and j % m == 0:
-                # Chosen from the already-updated W1: earlier columns of this group's block moved these weights.
-                scores = W1[:, j : j + m].square() / d[j : j + m].square()[None, :]  # (out, m)
-                pruned1[:, j : j + m].scatter_(1, scores.topk(m - n, dim=1, largest=False).indices, True)
-            w = W1[:, j]  # (out,)
-            q = w.masked_fill(pruned1[:, j], 0.0)
-            err = (w - q) / d[j]  # (out,)
-            losses += err.square()
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # OBS update of the rest of the block
-            W1[:, j] = q  # exactly zero where pruned, whatever the rounding above
-            E[:, j] = err
-        W[:, i1:i2] = W1
-        pruned[:, i1:i2] = pruned1
-        W[:, i2:] -= E @ U[i1:i2, i2:]  # (out, B) @ (B, in - i2)
+                pruned1 = _select_lowest(W1.square() / d.square()[:, None], k)
+        err_scale = pruned1 / d[:, None]  # (B, out): 1 / U_jj where pruned, else 0
+        for s1 in range(0, width, sub):
+            s2 = min(s1 + sub, width)
+            for j in range(s1, s2):
+                if target.is_nm and j % m == 0:
+                    # Chosen from the already-updated W1: earlier columns moved these weights.
+                    scores = W1[j : j + m].square() / d[j : j + m, None].square()  # (m, out)
+                    pruned1[j : j + m].scatter_(0, scores.topk(m - n, dim=0, largest=False).indices, True)
+                    err_scale[j : j + m] = pruned1[j : j + m] / d[j : j + m, None]
+                w = W1[j]  # (out,)
+                err = torch.mul(w, err_scale[j], out=E[j])
+                w.masked_fill_(pruned1[j], 0.0)  # exactly zero where pruned
+                W1[j + 1 : s2].addr_(U1[j, j + 1 : s2], err, alpha=-1)  # OBS update inside the sub-block
+            W1[s2:].addmm_(U1[s1:s2, s2:].t(), E[s1:s2], alpha=-1)  # (B - s2, S) @ (S, out)
+        loss += E.square().sum()
+        Wt[i1:i2] = W1
+        pruned_t[i1:i2] = pruned1
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), E, alpha=-1)  # (in - i2, B) @ (B, out)
 
-    keep_mask = ~pruned
-    keep_mask[:, dead] = False
-    return PruneResult(W.to(weight.dtype), keep_mask, float(losses.sum()))
+    pruned_t[dead] = True
+    keep_mask = ~pruned_t.t().contiguous()  # (out, in)
+    return PruneResult(Wt.t().to(weight.dtype), keep_mask, float(loss))

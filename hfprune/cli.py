@@ -1,0 +1,249 @@
+r"""The `hfprune` command line: `prune`, `eval`, `verify` and `report`.
+
+Options of `prune` are the [`PruningConfig`] fields (same names, dashes for underscores, same help text), plus the
+short aliases `--num-samples`, `--seq-len`, `--seed` and `--device`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+from typing import Any
+
+from .config import CONFIG_NAME, ONESHOT_METHODS, PruningConfig
+
+
+# Fields of PruningConfig that `hfprune prune` exposes, and their short aliases.
+PRUNE_FIELDS = (
+    "method",
+    "sparsity",
+    "targets",
+    "ignore",
+    "sparsity_overrides",
+    "skip_incompatible",
+    "block_size",
+    "dampening",
+    "num_calibration_samples",
+    "calibration_seq_len",
+    "calibration_batch_size",
+    "calibration_seed",
+    "pruning_device",
+)
+ALIASES = {
+    "num_calibration_samples": "--num-samples",
+    "calibration_seq_len": "--seq-len",
+    "calibration_seed": "--seed",
+    "pruning_device": "--device",
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    r"""A user error: printed as one line without a traceback, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e)}))
+        print(f"hfprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfprune", description="Prune, evaluate and verify sparse language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="one-shot prune a causal LM and save it", description=__doc__)
+    p.add_argument("model", help="local folder or Hub id of a causal LM")
+    _add_config_arguments(p)
+    p.add_argument("--calibration", help="calibration text: a file, a saved dataset folder, or a dataset 'name:config'")
+    p.add_argument("--output", required=True, help="folder to write (refused if it exists and is not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--format", choices=("dense", "compact"), default="dense", help="checkpoint format")
+    p.add_argument("--eval", dest="eval_data", help="also measure perplexity before and after on this text")
+    p.add_argument("--eval-max-windows", type=int, help="evaluate only the first windows of --eval")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the saved folder to this Hub repo")
+    _add_common(p)
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text (standard non-overlapping protocol)")
+    e.add_argument("model", help="local folder or Hub id")
+    e.add_argument("--data", required=True, help="a text file, a saved dataset folder, or a dataset 'name:config'")
+    e.add_argument("--seq-len", type=int, help="window length (default: min(2048, the model's positions))")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--max-windows", type=int, help="evaluate only the first windows")
+    e.add_argument("--device", help="device to evaluate on (default: cuda if available)")
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("verify", help="check every pruned module against its recorded pattern (exit 1 if broken)")
+    v.add_argument("model", help=f"folder written by hfprune (with {CONFIG_NAME})")
+    v.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    v.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("report", help="sparsity of every Linear/Conv1D weight of a model")
+    r.add_argument("model", help="local folder or Hub id")
+    _add_common(r)
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the model in")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
+    for name in PRUNE_FIELDS:
+        f = fields[name]
+        flags = [f"--{name.replace('_', '-')}"] + ([ALIASES[name]] if name in ALIASES else [])
+        kwargs: dict[str, Any] = {"dest": name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if f.type in ("bool",):
+            kwargs["action"] = "store_true"
+        elif name in ("targets", "ignore"):
+            kwargs["nargs"] = "+"
+        elif name == "sparsity_overrides":
+            kwargs.update(type=json.loads, metavar="JSON")
+        elif name == "method":
+            kwargs.update(choices=ONESHOT_METHODS, required=True)
+            kwargs.pop("default")
+        else:
+            kwargs["type"] = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        parser.add_argument(*flags, **kwargs)
+
+
+def _config_from_args(args: argparse.Namespace) -> PruningConfig:
+    return PruningConfig(**{name: getattr(args, name) for name in PRUNE_FIELDS if hasattr(args, name)})
+
+
+def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
+    import torch
+    from transformers import AutoTokenizer
+
+    from .serialization import load_pretrained
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = load_pretrained(model_path, dtype=torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .evaluation import perplexity
+    from .oneshot import prune
+    from .serialization import save_pruned
+
+    config = _config_from_args(args)  # validate everything before loading anything
+    if config.method != "magnitude" and not args.calibration:
+        raise CLIError(f"--method {config.method} needs --calibration (a text file, dataset folder or name)")
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise CLIError(f"--output {args.output} exists and is not empty; pass --overwrite to replace it")
+    model, tokenizer = _load(args.model, args.dtype, args.quiet)
+    if tokenizer is None and (args.calibration or args.eval_data):
+        raise CLIError(f"no tokenizer found in {args.model}; calibration and evaluation text need one")
+
+    def measure():
+        return perplexity(
+            model,
+            tokenizer,
+            args.eval_data,
+            seq_len=config.calibration_seq_len,
+            max_windows=args.eval_max_windows,
+            device=config.pruning_device,
+            progress=not args.quiet,
+        )
+
+    ppl = {"dense": measure()} if args.eval_data else {}
+    report = prune(model, config, args.calibration, tokenizer, progress=not args.quiet)
+    if args.eval_data:
+        ppl["pruned"] = measure()
+    card = {
+        "base_model": args.model,
+        "calibration": args.calibration,
+        "command": "hfprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None,
+    }
+    if ppl:
+        card["perplexity"] = ppl
+        card["eval_data"] = args.eval_data
+    path = save_pruned(
+        model,
+        args.output,
+        config,
+        report,
+        tokenizer,
+        overwrite=args.overwrite,
+        format=args.format,
+        model_card_info=card,
+        push_to_hub=args.push_to_hub,
+    )
+    if args.json:
+        print(json.dumps({"output": path, "perplexity": ppl, "report": report.to_dict()}, indent=2))
+    else:
+        print(report)
+        for name, value in ppl.items():
+            print(f"perplexity ({name}): {value:.3f}")
+        print(f"saved to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import perplexity
+
+    model, tokenizer = _load(args.model, args.dtype, args.quiet)
+    if tokenizer is None:
+        raise CLIError(f"no tokenizer found in {args.model}")
+    value = perplexity(
+        model,
+        tokenizer,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "perplexity": value}))
+    else:
+        print(f"perplexity: {value:.4f}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .serialization import verify
+
+    result = verify(args.model)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0 if result.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation import sparsity_report
+
+    model, _ = _load(args.model, args.dtype, args.quiet)
+    report = sparsity_report(model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(len(n) for n in report) if report else 6
+        for name, value in report.items():
+            print(f"{name:<{width}}  {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
