@@ -47,12 +47,10 @@ class SparsityTarget:
         return self.m is not None
 
     @classmethod
-    def parse(cls, value: float | int | str | SparsityTarget, field: str = "sparsity") -> SparsityTarget:
+    def parse(cls, value: float | str | SparsityTarget, field: str = "sparsity") -> SparsityTarget:
         r"""Parses `0.5`, `"0.5"`, `"50%"` or `"2:4"`; raises a `ValueError` that names `field` otherwise."""
         if isinstance(value, SparsityTarget):
             return value
-        if isinstance(value, bool):
-            raise ValueError(f"`{field}` must be a fraction such as 0.5 or an N:M pattern such as '2:4', got {value!r}.")
         if isinstance(value, str):
             match = _NM_RE.match(value)
             if match:
@@ -74,8 +72,11 @@ class SparsityTarget:
                 raise ValueError(
                     f"`{field}`={value!r} is neither a fraction (0.5, '50%') nor an N:M pattern ('2:4')."
                 ) from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value < 1.0:
-            raise ValueError(f"`{field}` must be in [0, 1) (the fraction of zeros), got {value!r}.")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or not math.isfinite(value) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"`{field}` must be in [0, 1) (a fraction of zeros such as 0.5), or an N:M pattern such as '2:4'; got {value!r}."
+            )
         return cls(sparsity=float(value))
 
     def __str__(self) -> str:

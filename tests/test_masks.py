@@ -189,7 +189,7 @@ def test_sparsity_target_str_and_json():
         ("2:4:8", "neither a fraction"),
         ("2/4", "neither a fraction"),
         ("", "neither a fraction"),
-        (True, "must be a fraction"),
+        (True, "must be in"),
         (None, r"must be in \[0, 1\)"),
     ],
 )
