@@ -4,23 +4,38 @@ __version__ = "0.1.0"
 
 from .config import PruningConfig
 from .evaluation import perplexity, sparsity_report
+from .hub import HubUploadError, push_to_hub
 from .masks import SparsityTarget, nm_keep_mask, unstructured_keep_mask
 from .methods import METHODS, register_method
+from .model_card import create_model_card
 from .oneshot import prune
+from .peft_utils import merge_lora
 from .report import ModuleReport, PruningReport
+from .semi_structured import to_semi_structured
+from .serialization import VerificationResult, load_keep_masks, load_pretrained, save_pruned, verify
 
 
 __all__ = [
     "METHODS",
+    "HubUploadError",
     "ModuleReport",
     "PruningConfig",
     "PruningReport",
     "SparsityTarget",
+    "VerificationResult",
     "__version__",
+    "create_model_card",
+    "load_keep_masks",
+    "load_pretrained",
+    "merge_lora",
     "nm_keep_mask",
     "perplexity",
     "prune",
+    "push_to_hub",
     "register_method",
+    "save_pruned",
     "sparsity_report",
+    "to_semi_structured",
     "unstructured_keep_mask",
+    "verify",
 ]
