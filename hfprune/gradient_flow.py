@@ -1,0 +1,473 @@
+r"""Masked weights for sparse training: STE, SR-STE, MDGF (linear / exponential), SDGF (stepwise / geometric).
+
+Every method in this module trains a dense *latent* weight `W` and runs the forward pass on an effective weight
+
+```
+W~ = W * (m + alpha (1 - m))          m: keep mask (bool), alpha: scale of the pruned weights
+                                      alpha = 0: binary mask (STE, SR-STE, SDGF, fine-tune)
+                                      alpha: 1 -> 0 over the decay phase (MDGF)
+```
+
+and updates `W` with the gradient taken at `W~`, unchanged (the straight-through estimator, as in the Progressive
+Gradient Flow paper, Fig. 2b, and its code). SR-STE (Zhou et al. 2021) adds `lambda_W (1 - m) * W` to that
+gradient. `mdgf_backward="scaled"` multiplies it by `m + alpha (1 - m)` instead, and `gradient_flow="none"` by `m`:
+pruned weights then get no gradient and stay zero, so no latent copy is kept.
+
+How [`GradientFlow`] does it without touching any module's `forward`:
+
+```
+               on_optimizer_step (step s-1 done)                      forward + backward (step s)
+ latent W  <-- weight (updated W) ; masks m from |W| ; weight <-- W~   ---->  weight.grad = dL/dW~
+                                                                                      |
+ optimizer.step() runs on weight = W with grad dL/dW~  <-- weight <-- W  <-- on_pre_optimizer_step (+ SR-STE term)
+```
+
+Between optimizer steps `module.weight` *holds* `W~`, so the bias, gradient checkpointing, DDP, evaluation and any
+module type (`nn.Linear`, GPT-2's `Conv1D`) just work, `state_dict` keys never change, and the masks are
+recomputed once per optimizer step rather than once per micro-batch. Masks are explicit `bool` tensors, stored in
+each parameter's own layout; they are never re-inferred from zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import PruningConfig
+from .masks import SparsityTarget, nm_keep_mask, nm_violations, num_to_prune
+from .schedules import Schedule, pattern_at, schedule_at, sdgf_stages
+from .targets import find_targets, in_features
+
+
+logger = logging.getLogger(__name__)
+
+LATENT_FLOWS = ("ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
+
+
+# --- pure tensor functions --------------------------------------------------------------------------------------------
+# Groups up to this size are ranked by pairwise comparisons (m (m - 1) / 2 vectorized compares); larger ones by topk.
+MAX_PAIRWISE_GROUP = 16
+
+
+def magnitude_keep_mask(
+    weight: torch.Tensor, pattern: SparsityTarget, keep_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""The keep mask of `pattern` that keeps the largest `|weight|`: N:M groups, or unstructured over the matrix.
+
+    It equals [`~hfprune.masks.keep_mask_from_scores`] on `|weight|` where no two scores tie, but runs once per
+    optimizer step, so it avoids `topk` along a last dimension of size `m`, which is slow on CPU:
+
+    ```
+    weight (out, in) --view--> (out, in/m, m) --permute + |.|--> slabs (m, out, in/m)
+    rank[i] = #{j : slab j beats slab i}      (m (m - 1) / 2 elementwise compares; the lower index wins a tie)
+    keep = rank < n  --permute back--> (out, in)
+    ```
+
+    Unstructured masks prune exactly `floor(sparsity * numel)` weights below a `kthvalue` threshold (ties at the
+    threshold: the lower flat index is kept).
+
+    Args:
+        weight (`torch.Tensor` of shape `(out, in)`): the latent weight.
+        pattern ([`~hfprune.masks.SparsityTarget`]): N:M or a fraction of zeros.
+        keep_mask (`torch.Tensor` of shape `(out, in)`, *optional*):
+            Weights already pruned (`False`) rank below every kept one, so the new mask only grows the pruned set
+            (gradual pruning of weights that were zeroed for good).
+
+    Example:
+        ```python
+        >>> magnitude_keep_mask(torch.tensor([[1.0, -8.0, 3.0, -4.0, 0.5, 6.0, -7.0, 2.0]]), SparsityTarget.parse("2:4"))
+        tensor([[False,  True, False,  True, False,  True,  True, False]])
+        ```
+    """
+    weight = weight.detach()
+    rows, cols = weight.shape
+    if not pattern.is_nm:
+        scores = weight.abs()
+        if keep_mask is not None:
+            scores.masked_fill_(~keep_mask, -1.0)
+        return _unstructured_keep_mask(scores, pattern.sparsity)
+    n, m = pattern.n, pattern.m
+    if cols % m:
+        raise ValueError(f"an {pattern} pattern needs the input size to be a multiple of {m}, got {cols}.")
+    if m > MAX_PAIRWISE_GROUP:
+        scores = weight.abs()
+        if keep_mask is not None:
+            scores.masked_fill_(~keep_mask, -1.0)
+        return nm_keep_mask(scores, n, m)
+    groups = weight.reshape(rows, cols // m, m).permute(2, 0, 1)  # (m, out, in/m), a view
+    slabs = torch.abs(groups, out=torch.empty(groups.shape, dtype=weight.dtype, device=weight.device))
+    if keep_mask is not None:
+        slabs.masked_fill_(~keep_mask.reshape(rows, cols // m, m).permute(2, 0, 1), -1.0)
+    keep = _keep_top_n(slabs, n)  # (m, out, in/m)
+    return keep.permute(1, 2, 0).reshape(rows, cols)
+
+
+def _keep_top_n(slabs: torch.Tensor, n: int) -> torch.Tensor:
+    r"""`bool` `(m, ...)`: True for the `n` largest of the `m` slabs at every position; the lower index wins a tie."""
+    m = slabs.shape[0]
+    if n >= m:
+        return torch.ones(slabs.shape, dtype=torch.bool, device=slabs.device)
+    if n == 1:  # running argmax: 3 passes per slab instead of m - 1 compares
+        scores = slabs.unbind(0)
+        best, index = scores[0].clone(), torch.zeros(slabs.shape[1:], dtype=torch.uint8, device=slabs.device)
+        better = torch.empty(slabs.shape[1:], dtype=torch.bool, device=slabs.device)
+        for j in range(1, m):
+            torch.gt(scores[j], best, out=better)
+            torch.maximum(best, scores[j], out=best)
+            index.masked_fill_(better, j)
+        positions = torch.arange(m, dtype=torch.uint8, device=slabs.device).view(m, *([1] * (slabs.dim() - 1)))
+        return torch.eq(positions, index, out=index.new_empty(slabs.shape)).view(torch.bool)
+    # rank[i] counts the slabs that beat slab i. Every pair (j < i) adds 1 to exactly one of the two, so start rank[j]
+    # at its m - 1 - j pairs with later slabs and move that 1 to rank[i] where j wins (all in uint8, no casts)
+    rank = torch.arange(m - 1, -1, -1, dtype=torch.uint8, device=slabs.device)
+    rank = rank.view(m, *([1] * (slabs.dim() - 1))).expand(slabs.shape).clone()
+    scores, ranks = slabs.unbind(0), rank.unbind(0)
+    j_wins = torch.empty(slabs.shape[1:], dtype=torch.bool, device=slabs.device)
+    for j in range(m):
+        for i in range(j + 1, m):
+            torch.ge(scores[j], scores[i], out=j_wins)
+            ranks[i].add_(_as_uint8(j_wins))
+            ranks[j].sub_(_as_uint8(j_wins))
+    return torch.lt(rank, n)
+
+
+def _unstructured_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    r"""Prunes exactly `floor(sparsity * numel)` lowest `scores`; among scores equal to the threshold, the lower flat
+    indices are kept."""
+    count = num_to_prune(scores.numel(), sparsity)
+    if count == 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    flat = scores.reshape(-1)
+    threshold = flat.kthvalue(count).values
+    keep = scores > threshold
+    ties = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
+    excess = int(flat.numel() - keep.sum()) - count  # ties beyond the `count` lowest: keep the first of them
+    if excess > 0:
+        keep.view(-1)[ties[:excess]] = True
+    return keep
+
+
+# Arithmetic with masks goes through a uint8 view of the bool tensor (same bytes, 0/1): CPU kernels that mix bool and
+# float take a slow casting path, uint8 ones are vectorized.
+def _as_uint8(keep_mask: torch.Tensor) -> torch.Tensor:
+    return keep_mask.view(torch.uint8)
+
+
+def effective_weight(
+    latent: torch.Tensor, keep_mask: torch.Tensor, alpha: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""`W~ = W * (m + alpha (1 - m))`: kept weights exactly unchanged, pruned ones scaled by `alpha`."""
+    out = torch.mul(latent, _as_uint8(keep_mask), out=out)
+    if alpha:
+        out.addcmul_(latent, _as_uint8(~keep_mask), value=alpha)
+    return out
+
+
+def srste_gradient_(grad: torch.Tensor, latent: torch.Tensor, keep_mask: torch.Tensor, decay: float) -> torch.Tensor:
+    r"""SR-STE (Zhou et al. 2021, eq. 5): `grad += lambda_W (1 - m) * W`, in place."""
+    return grad.addcmul_(latent, _as_uint8(~keep_mask), value=decay)
+
+
+def scaled_gradient(grad: torch.Tensor, keep_mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    r"""The true derivative of `W~` with respect to `W`: `grad * (m + alpha (1 - m))`."""
+    return effective_weight(grad, keep_mask, alpha)
+
+
+# --- the per-model state ---------------------------------------------------------------------------------------------
+@dataclass
+class MaskedWeight:
+    r"""One target module: its parameter, final pattern and the current mask state.
+
+    Tensors are in the parameter's layout: `(out, in)` for `nn.Linear`, `(in, out)` for `Conv1D` (`transposed`).
+    """
+
+    name: str
+    param: nn.Parameter
+    target: SparsityTarget
+    transposed: bool
+    keep_mask: torch.Tensor | None = None
+    """`bool`; `None` while the module is still dense."""
+    pattern: SparsityTarget | None = None
+    """The pattern `keep_mask` was built for."""
+    latent: torch.Tensor | None = None
+    """The dense latent weight while `param` holds `W~`; `None` when `param` holds it (dense phase, `none`)."""
+
+    def out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if self.transposed else tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        r"""The weight training continues from: the latent `W`, or the parameter itself when it holds `W`."""
+        return self.latent if self.latent is not None else self.param.detach()
+
+    def compute_keep_mask(self, pattern: SparsityTarget, monotone: bool) -> torch.Tensor:
+        previous = self.out_in(self.keep_mask) if monotone and self.keep_mask is not None else None
+        keep = magnitude_keep_mask(self.out_in(self.weight), pattern, previous)  # (out, in)
+        return self.out_in(keep).contiguous()
+
+
+class GradientFlow:
+    r"""Keeps the target modules of a model sparse while an optimizer trains them (see the module docstring).
+
+    Args:
+        model (`nn.Module`): the (unwrapped) model; its `nn.Linear` / `Conv1D` modules selected by
+            `config.targets` / `config.ignore` are trained sparse.
+        config ([`PruningConfig`]): sparsity, gradient flow and schedule.
+        keep_masks (`dict[str, torch.Tensor]`, *optional*):
+            Known masks `{module name: bool (out, in)}`, e.g. `prune(..., return_masks=True).keep_masks`. They are
+            used as they are where the mask is fixed (`gradient_flow="none"`, `freeze_mask`) and as the first mask
+            otherwise. Modules without one get a magnitude mask.
+
+    The Trainer events call, in order: [`start`] once, then per optimizer step [`before_optimizer_step`] and
+    [`after_optimizer_step`], and [`finish`] at the end.
+    """
+
+    def __init__(self, model: nn.Module, config: PruningConfig, keep_masks: dict[str, torch.Tensor] | None = None):
+        self.config = config
+        self.targets: dict[str, MaskedWeight] = {}
+        for name, module in find_targets(model, config).items():
+            target = config.target_for(name)
+            _check_schedulable(name, in_features(module), target, config)
+            self.targets[name] = MaskedWeight(name, module.weight, target, transposed=isinstance(module, Conv1D))
+        if not self.targets:
+            raise ValueError(
+                f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
+            )
+        self._set_keep_masks(keep_masks or {})
+        self.max_steps: int | None = None
+        self.schedule: Schedule | None = None
+        self._hooks: list = []
+        self._flips = torch.zeros((), dtype=torch.long)
+        self._recomputed = 0
+
+    # --- Trainer protocol ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, step: int, max_steps: int | None) -> None:
+        r"""Prepares optimizer step `step` of a run of `max_steps` (`None`: unknown): masks, alpha and `W~`.
+
+        To resume, call [`load_state_dict`] first.
+        """
+        self.max_steps = max_steps
+        self._flips = torch.zeros((), dtype=torch.long, device=next(iter(self.targets.values())).param.device)
+        self._recomputed = 0
+        self._remove_hooks()
+        if self.config.gradient_flow == "none" or self.config.mdgf_backward == "scaled":
+            for entry in self.targets.values():
+                if entry.param.requires_grad:
+                    self._hooks.append(entry.param.register_hook(partial(self._gradient_hook, entry)))
+        self._apply(step, count_flips=False)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        r"""Adds the SR-STE term to the (clipped) gradients and puts the latent `W` back into each parameter."""
+        srste = self.config.gradient_flow == "srste" and self.schedule.phase == "decay" and self.config.srste_decay
+        for entry in self.targets.values():
+            if entry.latent is None:
+                continue
+            if srste and entry.param.grad is not None:
+                srste_gradient_(entry.param.grad, entry.latent, entry.keep_mask, self.config.srste_decay)
+            entry.param.copy_(entry.latent)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, next_step: int) -> None:
+        r"""Reads the updated latent weights, then prepares step `next_step` (masks, alpha, `W~`)."""
+        for entry in self.targets.values():
+            if entry.latent is not None:
+                entry.latent.copy_(entry.param)
+        self._apply(next_step)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        r"""Writes `W * m` with the final binary mask of every module into its parameter and drops the latent copies.
+
+        Afterwards the model is exactly sparse at its target pattern and [`keep_masks`] describe it.
+        """
+        final = self.final_keep_masks()
+        for name, entry in self.targets.items():
+            entry.param.copy_(entry.weight * final[name])
+            entry.keep_mask, entry.pattern, entry.latent = final[name], entry.target, None
+        self._remove_hooks()
+
+    # --- what the model looks like ------------------------------------------------------------------------------
+    @property
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        r"""The current keep masks `{module name: bool (out, in)}` of the modules that are masked."""
+        return {n: e.out_in(e.keep_mask) for n, e in self.targets.items() if e.keep_mask is not None}
+
+    def final_keep_masks(self) -> dict[str, torch.Tensor]:
+        r"""Each module's binary mask at its *target* pattern, in the parameter's layout.
+
+        The current mask where it already has that pattern (the end of training, a fixed mask); otherwise the
+        magnitude mask of the latent weight (a checkpoint saved while dense, during the decay or mid-way through a
+        gradual schedule).
+        """
+        monotone = self.config.gradient_flow == "none"
+        return {
+            name: entry.keep_mask
+            if entry.keep_mask is not None and entry.pattern == entry.target
+            else entry.compute_keep_mask(entry.target, monotone)
+            for name, entry in self.targets.items()
+        }
+
+    @torch.no_grad()
+    def sparse_weights(self) -> dict[str, torch.Tensor]:
+        r"""`{module name: W * m}` with the final masks, in the parameter's layout: what a saved model holds."""
+        final = self.final_keep_masks()
+        return {name: entry.weight * final[name] for name, entry in self.targets.items()}
+
+    def pop_metrics(self) -> dict[str, float]:
+        r"""Numbers for the Trainer logs, and resets the mask-flip counter.
+
+        - `pruning/sparsity`: fraction of the target weights the current masks prune (0 while dense).
+        - `pruning/alpha`: scale of the pruned weights in the forward pass (1 dense, 0 binary).
+        - `pruning/n`, `pruning/m`: the current N:M pattern of `sparsity` (N:M targets); `pruning/stage`: the SDGF
+          stage index.
+        - `pruning/mask_flip_rate`: fraction of the target weights whose keep bit flipped, per mask update, since the
+          last log.
+        """
+        if self.schedule is None:
+            return {}
+        numel = sum(e.param.numel() for e in self.targets.values())
+        kept = sum(
+            int(torch.count_nonzero(_as_uint8(e.keep_mask))) if e.keep_mask is not None else e.param.numel()
+            for e in self.targets.values()
+        )
+        metrics = {"pruning/sparsity": 1.0 - kept / numel, "pruning/alpha": self.schedule.alpha}
+        pattern = pattern_at(self.schedule, self.config.target, self.config)
+        if self.config.target.is_nm:
+            n, m = (pattern.n, pattern.m) if pattern is not None else (self.config.target.m, self.config.target.m)
+            metrics.update({"pruning/n": n, "pruning/m": m})
+        if self.config.gradient_flow.startswith("sdgf"):
+            stages = sdgf_stages(self.config.target, self.config.gradient_flow, self.config.sdgf_geometric_k)
+            metrics["pruning/stage"] = stages.index((n, m)) if pattern is not None else -1
+        if self._recomputed:
+            metrics["pruning/mask_flip_rate"] = int(self._flips) / (numel * self._recomputed)
+        self._flips.zero_()
+        self._recomputed = 0
+        return metrics
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        r"""What training needs to continue exactly: `{name}.weight` (the latent `W`) and `{name}.keep_mask`."""
+        state = {}
+        for name, entry in self.targets.items():
+            state[f"{name}.weight"] = entry.weight
+            if entry.keep_mask is not None:
+                state[f"{name}.keep_mask"] = entry.keep_mask
+        return state
+
+    def pattern_dict(self) -> dict[str, str]:
+        r"""`{name: pattern}` of the stored masks (stored next to [`state_dict`] as metadata)."""
+        return {name: str(e.pattern) for name, e in self.targets.items() if e.pattern is not None}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], patterns: dict[str, str] | None = None) -> None:
+        r"""Restores latent weights and masks written by [`state_dict`] (the parameters take the latent weights)."""
+        missing = [f"{n}.weight" for n in self.targets if f"{n}.weight" not in state]
+        if missing:
+            raise ValueError(f"the pruning state has no latent weights for {', '.join(missing[:3])}.")
+        for name, entry in self.targets.items():
+            weight = state[f"{name}.weight"]
+            if weight.shape != entry.param.shape:
+                raise ValueError(
+                    f"pruning state: {name} has shape {tuple(weight.shape)}, the model {tuple(entry.param.shape)}."
+                )
+            entry.param.copy_(weight)
+            entry.latent = None
+            keep = state.get(f"{name}.keep_mask")
+            entry.keep_mask = keep.to(entry.param.device, torch.bool) if keep is not None else None
+            pattern = (patterns or {}).get(name)
+            entry.pattern = SparsityTarget.parse(pattern) if keep is not None and pattern else None
+            if keep is not None and entry.pattern is None:
+                entry.pattern = entry.target
+
+    # --- internals ----------------------------------------------------------------------------------------------
+    def _set_keep_masks(self, keep_masks: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(keep_masks) - set(self.targets))
+        if unknown:
+            raise ValueError(
+                f"`keep_masks` has masks for modules that are not pruning targets: {', '.join(unknown[:5])}."
+            )
+        for name, keep in keep_masks.items():
+            entry = self.targets[name]
+            shape = tuple(entry.out_in(entry.param).shape)
+            if keep.dtype != torch.bool or tuple(keep.shape) != shape:
+                raise ValueError(
+                    f"`keep_masks[{name!r}]` must be a bool tensor of shape {shape} (out, in), got {keep.dtype} "
+                    f"{tuple(keep.shape)}."
+                )
+            if entry.target.is_nm and nm_violations(keep, entry.target.n, entry.target.m):
+                raise ValueError(f"`keep_masks[{name!r}]` keeps more than {entry.target} allows in some groups.")
+            entry.keep_mask = entry.out_in(keep.to(entry.param.device)).contiguous()
+            entry.pattern = entry.target
+
+    def _frozen(self, schedule: Schedule) -> bool:
+        if self.config.gradient_flow == "none" or self.config.freeze_mask:
+            return True
+        # the fine-tune recomputes the mask once, on its first step, and keeps it from then on
+        return self.config.freeze_mask_in_finetune and schedule.phase == "finetune" and schedule.finetune_step > 0
+
+    def _apply(self, step: int, count_flips: bool = True) -> None:
+        self.schedule = schedule = schedule_at(step, self.max_steps, self.config)
+        frozen = self._frozen(schedule)
+        latent_flow = self.config.gradient_flow in LATENT_FLOWS
+        for entry in self.targets.values():
+            pattern = pattern_at(schedule, entry.target, self.config)
+            if pattern is None:  # dense phase: the parameter holds W itself
+                if entry.latent is not None:
+                    entry.param.copy_(entry.latent)
+                    entry.latent = None
+                continue
+            if entry.keep_mask is None or entry.pattern != pattern or not frozen:
+                keep = entry.compute_keep_mask(pattern, monotone=not latent_flow)
+                if count_flips and entry.keep_mask is not None:
+                    self._flips += torch.count_nonzero(_as_uint8(keep ^ entry.keep_mask))
+                entry.keep_mask, entry.pattern = keep, pattern
+            if not latent_flow:  # `none`: pruned weights are zero for good
+                entry.param.mul_(entry.keep_mask)
+                continue
+            if entry.latent is None:
+                entry.latent = entry.param.detach().clone()
+            effective_weight(entry.latent, entry.keep_mask, schedule.alpha, out=entry.param.data)
+        if count_flips and not schedule.is_dense:
+            self._recomputed += 1
+
+    def _gradient_hook(self, entry: MaskedWeight, grad: torch.Tensor) -> torch.Tensor | None:
+        if entry.keep_mask is None or self.schedule is None:
+            return None
+        if self.config.gradient_flow == "none":
+            return grad * entry.keep_mask
+        if self.schedule.phase != "decay" or self.schedule.alpha == 1.0:
+            return None
+        return scaled_gradient(grad, entry.keep_mask, self.schedule.alpha)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _check_schedulable(name: str, in_size: int, target: SparsityTarget, config: PruningConfig) -> None:
+    if config.gradient_flow.startswith("sdgf"):
+        if not target.is_nm:
+            raise ValueError(
+                f"module {name!r} has the unstructured target {target}, but `gradient_flow`={config.gradient_flow!r} "
+                "steps N:M patterns; give it an N:M `sparsity_overrides` entry or `ignore` it."
+            )
+        for n, m in sdgf_stages(target, config.gradient_flow, config.sdgf_geometric_k):
+            if in_size % m:
+                extra = " (lower `sdgf_geometric_k`)" if config.gradient_flow == "sdgf_geometric" else ""
+                raise ValueError(
+                    f"module {name!r} has {in_size} inputs, not a multiple of M={m} for the SDGF stage {n}:{m} of "
+                    f"`sparsity`={target}{extra}; or `ignore` the module."
+                )
+    if config.sparsity_schedule == "cubic" and target.is_nm:
+        raise ValueError(
+            f"`sparsity_schedule`='cubic' is gradual unstructured pruning, but module {name!r} has the N:M target "
+            f"{target} (`sparsity_overrides`)."
+        )
