@@ -174,3 +174,24 @@ def test_round_trip_through_the_hub_downloads_safetensors_only(hub, checkpoint, 
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
     fetched = {r[1].rsplit("/", 1)[-1] for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]}
     assert "pytorch_model.bin" not in fetched and "pruning_config.json" in fetched
+
+
+def test_trainer_output_folder_gets_a_card_and_leaves_its_state_behind(hub, checkpoint, tmp_path):
+    model, config, _, _ = checkpoint
+    folder = tmp_path / "trainer-output"
+    model.save_pretrained(folder)  # what `Trainer.save_model` writes, plus the config alone
+    config.save_pretrained(folder)
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "optimizer.pt").write_bytes(b"pickle")
+    hfprune.push_to_hub(folder, REPO, token=TOKEN)
+    assert set(hub.repos[REPO]) == {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "pruning_config.json",
+    }
+    card = ModelCard(hub.repos[REPO]["README.md"].decode())
+    assert "2:4" in card.data.tags and "magnitude" in card.data.tags
+    assert not (folder / "README.md").exists()  # the local folder is left as it was
