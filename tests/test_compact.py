@@ -287,3 +287,15 @@ def test_compact_gpt2_conv1d_round_trip(tiny_model, tmp_path):
     with safe_open(os.path.join(path, COMPACT_WEIGHTS_NAME), "pt") as f:
         layout = json.loads(f.metadata()["hfprune_compact"])["tensors"]
     assert layout["transformer.h.0.attn.c_attn.weight"]["encoding"] == "nm"
+
+
+def test_compact_round_trip_on_every_architecture(arch, tiny_model, tmp_path):
+    model = tiny_model(arch)
+    config = PruningConfig(method="magnitude", sparsity="2:4")
+    report = hfprune.prune(model, config, progress=False)
+    path = hfprune.save_pruned(model, tmp_path / arch, config, report, format="compact")
+    loaded = hfprune.load_pretrained(path)
+    expected, actual = model.state_dict(), loaded.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(bits(actual[name]), bits(tensor)), name
