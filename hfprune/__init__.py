@@ -2,6 +2,7 @@ r"""hfprune: sparse language models for Hugging Face Transformers."""
 
 __version__ = "0.1.0"
 
+from .callbacks import GradientFlowCallback
 from .config import PruningConfig
 from .evaluation import perplexity, sparsity_report
 from .hub import HubUploadError, push_to_hub
@@ -13,14 +14,17 @@ from .peft_utils import merge_lora
 from .report import ModuleReport, PruningReport
 from .semi_structured import to_semi_structured
 from .serialization import VerificationResult, load_keep_masks, load_pretrained, save_pruned, verify
+from .trainer import PruningTrainer
 
 
 __all__ = [
     "METHODS",
+    "GradientFlowCallback",
     "HubUploadError",
     "ModuleReport",
     "PruningConfig",
     "PruningReport",
+    "PruningTrainer",
     "SparsityTarget",
     "VerificationResult",
     "__version__",

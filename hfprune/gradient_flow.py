@@ -315,9 +315,10 @@ class GradientFlow:
         }
 
     @torch.no_grad()
-    def sparse_weights(self) -> dict[str, torch.Tensor]:
-        r"""`{module name: W * m}` with the final masks, in the parameter's layout: what a saved model holds."""
-        final = self.final_keep_masks()
+    def sparse_weights(self, final_keep_masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        r"""`{module name: W * m}` with the final masks (default [`final_keep_masks`]), in the parameter's layout:
+        what a saved model holds."""
+        final = self.final_keep_masks() if final_keep_masks is None else final_keep_masks
         return {name: entry.weight * final[name] for name, entry in self.targets.items()}
 
     def pop_metrics(self) -> dict[str, float]:
