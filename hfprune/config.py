@@ -76,9 +76,7 @@ class PruningConfig(PushToHubMixin):
     )
     skip_incompatible: bool = field(
         default=False,
-        metadata={
-            "help": "Skip (with a warning) modules whose input size is not a multiple of M instead of raising."
-        },
+        metadata={"help": "Skip (with a warning) modules whose input size is not a multiple of M instead of raising."},
     )
     # --- one-shot calibration ----------------------------------------------------------------------------------
     block_size: int = field(
@@ -170,7 +168,9 @@ class PruningConfig(PushToHubMixin):
     schedule_end_fraction: float = field(
         default=0.8, metadata={"help": "Cubic schedule: fraction of training where the target is reached."}
     )
-    schedule_frequency: int = field(default=100, metadata={"help": "Cubic schedule: recompute the mask every N steps."})
+    schedule_frequency: int = field(
+        default=100, metadata={"help": "Cubic schedule: recompute the mask every N steps."}
+    )
     hfprune_version: str | None = field(
         default=None, metadata={"help": "hfprune version that wrote this config (set automatically)."}
     )
@@ -334,4 +334,3 @@ def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None
 def _check_positive(field_name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -74,8 +75,7 @@ def prune(
         raise ValueError(
             f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
         )
-    report = PruningReport(method=method.name, pattern=str(config.target))
-    report.keep_masks = {} if return_masks else None
+    report = PruningReport(method=method.name, pattern=str(config.target), keep_masks={} if return_masks else None)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -86,7 +86,9 @@ def prune(
                     for name, module in targets.items():
                         _prune_module(name, module, method, None, config, report)
             else:
-                _prune_calibrated(model, blocks, block_targets, method, config, calibration, tokenizer, progress, report)
+                _prune_calibrated(
+                    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report
+                )
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
@@ -111,8 +113,8 @@ def resolve_seq_len(model: nn.Module, requested: int | None) -> int:
         return min(DEFAULT_MAX_SEQ_LEN, max_positions or DEFAULT_MAX_SEQ_LEN)
     if max_positions is not None and requested > max_positions:
         raise ValueError(
-            f"sequence length {requested} is beyond the model's {max_positions} positions; use --seq-len "
-            f"(`calibration_seq_len`) of at most {max_positions}."
+            f"sequence length {requested} is beyond the model's {max_positions} positions; use a `seq_len` "
+            f"(`calibration_seq_len`, CLI --seq-len) of at most {max_positions}."
         )
     return requested
 
@@ -125,7 +127,9 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
     if requested is None and isinstance(calibration, torch.Tensor):
         requested = calibration.shape[-1]  # ids given as (samples, seq_len) keep their length unless told otherwise
     seq_len = resolve_seq_len(model, requested)
-    tokens = calibration_windows(calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed)
+    tokens = calibration_windows(
+        calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed
+    )
     hidden, extra = _capture_block_inputs(model, blocks, tokens, config.calibration_batch_size, device)
     statistic_type = STATISTIC_TYPES[method.statistic]
 
@@ -142,19 +146,25 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
                 collector.remove()
             stats, leader_of = collector.stats, collector.leader_of
             # 2. prepare once per input (SparseGPT: one factorisation), then prune every module that reads it
-            prepared = {}
+            prepared, members_left = {}, Counter(leader_of.values())
             for name, module in targets.items():
                 leader = leader_of[name]
                 if leader not in prepared:
-                    raw = stats.pop(leader).result()
-                    prepared[leader] = method.prepare(raw, config) if method.prepare else raw
+                    prepared[leader] = _prepare(method, stats.pop(leader).result(), config)
                 _prune_module(name, module, method, prepared[leader], config, report)
-            del prepared, stats, collector
+                members_left[leader] -= 1
+                if not members_left[leader]:
+                    del prepared[leader]  # free the Hessian factor as soon as its last reader is pruned
+            del collector
         # 3. the pruned block's outputs calibrate the next block
         if index + 1 < len(blocks):
             _run_block(block, hidden, extra, write_back=True)
         block.to(home)
     hidden.clear()
+
+
+def _prepare(method: PruningMethod, raw, config: PruningConfig):
+    return method.prepare(raw, config) if method.prepare else raw
 
 
 def _prune_module(name, module, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 @dataclass
 class ModuleReport:
@@ -24,6 +26,8 @@ class PruningReport:
     pattern: str
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     seconds: float = 0.0
+    keep_masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """`bool` `(out, in)` keep mask of every pruned module, on CPU, when asked for with `return_masks=True`."""
 
     @property
     def sparsity(self) -> float:

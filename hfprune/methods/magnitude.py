@@ -16,4 +16,4 @@ def prune_weight(weight: torch.Tensor, stats: None, target: SparsityTarget, conf
     `n` largest of every `m` consecutive inputs of each row.
     """
     keep_mask = keep_mask_from_scores(weight.abs(), target, per_row=False)
-    return PruneResult(weight * keep_mask, keep_mask, None)
+    return PruneResult(weight.masked_fill(~keep_mask, 0.0), keep_mask, None)  # +0.0, never -0.0

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..masks import SparsityTarget
+from ..masks import SparsityTarget, num_to_prune
 from .registry import PruneResult, register_method
 
 
@@ -45,10 +45,12 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(dampening * diag.mean())
-    M = torch.linalg.cholesky(H.flip(0, 1))  # J H J = M M^T, lower
-    del H
-    identity = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    U = torch.linalg.solve_triangular(M, identity, upper=False).flip(0, 1)  # J M^-1 J, upper
+    M = H.flip(0, 1)  # J H J, a copy
+    torch.linalg.cholesky(M, out=M)  # J H J = M M^T, lower
+    U = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    torch.linalg.solve_triangular(M, U, upper=False, out=U)  # M^-1
+    del M
+    U = U.flip(0, 1)  # J M^-1 J, upper
     return SparseGPTFactor(U, dead)
 
 
@@ -108,7 +110,7 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
         E = torch.zeros_like(W1)  # (B, out): err_j = (w_j - q_j) / U_jj
         pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # (B, out)
         if not target.is_nm:
-            k = int(target.sparsity * rows * width)
+            k = num_to_prune(rows * width, target.sparsity)
             if k:
                 pruned1 = _select_lowest(W1.square() / d.square()[:, None], k)
         err_scale = pruned1 / d[:, None]  # (B, out): 1 / U_jj where pruned, else 0

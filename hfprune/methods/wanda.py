@@ -22,4 +22,4 @@ def prune_weight(weight: torch.Tensor, norms: torch.Tensor, target: SparsityTarg
     """
     scores = weight.abs().float() * norms.to(weight.device, torch.float32)[None, :]  # (out, in)
     keep_mask = keep_mask_from_scores(scores, target, per_row=True)
-    return PruneResult(weight * keep_mask, keep_mask, None)
+    return PruneResult(weight.masked_fill(~keep_mask, 0.0), keep_mask, None)  # +0.0, never -0.0
