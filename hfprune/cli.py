@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it", description=__doc__)
     p.add_argument("model", help="local folder or Hub id of a causal LM")
     _add_config_arguments(p)
-    p.add_argument("--calibration", help="calibration text: a file, a saved dataset folder, or a dataset 'name:config'")
+    p.add_argument(
+        "--calibration", help="calibration text: a file, a saved dataset folder, or a dataset 'name:config'"
+    )
     p.add_argument("--output", required=True, help="folder to write (refused if it exists and is not empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.add_argument("--format", choices=("dense", "compact"), default="dense", help="checkpoint format")
