@@ -135,6 +135,10 @@ def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
 
     from .serialization import load_pretrained
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = load_pretrained(model_path, dtype=torch_dtype)
     try:

@@ -490,6 +490,7 @@ def _atomic_directory(target: str, overwrite: bool) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{base}.incomplete-", dir=parent)
     try:
         yield tmp
+        _default_permissions(tmp)
         old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
@@ -504,6 +505,16 @@ def _atomic_directory(target: str, overwrite: bool) -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_permissions(folder: str) -> None:
+    r"""Gives the finished folder the permissions of a normally created one (temporary files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _download(repo_id: str, kwargs: dict) -> str:
