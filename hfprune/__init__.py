@@ -2,7 +2,6 @@ r"""hfprune: sparse language models for Hugging Face Transformers."""
 
 __version__ = "0.1.0"
 
-from .callbacks import GradientFlowCallback
 from .config import PruningConfig
 from .evaluation import perplexity, sparsity_report
 from .hub import HubUploadError, push_to_hub
@@ -14,7 +13,21 @@ from .peft_utils import merge_lora
 from .report import ModuleReport, PruningReport
 from .semi_structured import to_semi_structured
 from .serialization import VerificationResult, load_keep_masks, load_pretrained, save_pruned, verify
-from .trainer import PruningTrainer
+
+
+# Trainer integration imports `transformers.Trainer` (and through it accelerate and peft): load it on first use so
+# that one-shot pruning and the CLI start fast.
+_LAZY = {"GradientFlowCallback": ".callbacks", "PruningTrainer": ".trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
