@@ -65,3 +65,20 @@ def test_fsdp_is_refused_on_every_rank(runs):
     for rank in (0, 1):
         error = read(two, rank)["fsdp_error"]
         assert error is not None and "not FSDP or DeepSpeed" in error and "launch with DDP" in error
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_recipe_config_starts_two_ranks(tmp_path):
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "accelerate")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(config, "ddp_cpu.yaml"),
+    ]
+    launch += ["--main_process_port", "0"]
+    run([*launch, SCRIPT, str(tmp_path), "--per-device-batch", "2", "--steps", "2"], cwd=str(tmp_path))
+    records = [read(tmp_path, rank) for rank in (0, 1)]
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in records] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    assert records[0]["masks_sha256"] == records[1]["masks_sha256"]

@@ -446,3 +446,43 @@ def test_fsdp_is_refused_with_a_clear_error(tiny_model, data, tmp_path):
     args = training_args(tmp_path, fsdp="full_shard")
     with pytest.raises(ValueError, match="(?s)not FSDP or DeepSpeed.*launch with DDP"):
         PruningTrainer(tiny_model("llama"), args, train_dataset=data, pruning_config=PruningConfig())
+
+
+# --- recipes and the example ----------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(
+    os.path.join(root, name)
+    for root, _, names in os.walk(os.path.join(REPO, "recipes"))
+    for name in names
+    if name.endswith(".yaml") and "accelerate" not in root
+)
+
+
+def example_model_arguments():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sparse_training", os.path.join(REPO, "examples", "sparse_training.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ModelArguments
+
+
+def test_every_recipe_parses_and_fits_the_model_it_names():
+    from transformers import LlamaConfig
+
+    assert len(RECIPES) >= 19
+    parser = HfArgumentParser((example_model_arguments(), PruningConfig, TrainingArguments))
+    # llama-kdoc-5m's input sizes (256 and 704) in one small block
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    for recipe in RECIPES:
+        model_args, pruning_config, args = parser.parse_yaml_file(recipe)
+        assert model_args.model_name_or_path and model_args.seq_len > 0, recipe
+        assert pruning_config.target.is_nm and args.max_steps > 0, recipe
+        assert os.path.basename(recipe).startswith(pruning_config.method or pruning_config.gradient_flow), recipe
+        assert f"{pruning_config.target.n}of{pruning_config.target.m}" in os.path.basename(recipe), recipe
+        hfprune.gradient_flow.GradientFlow(model, pruning_config)  # every SDGF stage divides the input sizes
