@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, Traine
 import hfprune
 from hfprune import PruningConfig, PruningTrainer
 from hfprune.callbacks import STATE_NAME
+from hfprune.gradient_flow import GradientFlow
 from hfprune.masks import nm_violations
 
 
@@ -386,7 +387,7 @@ def test_push_to_hub_uploads_the_sparse_folder(tiny_model, data, tmp_path, monke
 
 def test_plain_trainer_with_the_callback(tiny_model, data, tmp_path):
     model = tiny_model("llama").train()
-    flow = hfprune.gradient_flow.GradientFlow(model, PruningConfig(sparsity="1:4", gradient_flow="ste"))
+    flow = GradientFlow(model, PruningConfig(sparsity="1:4", gradient_flow="ste"))
     trainer = Trainer(model, training_args(tmp_path, max_steps=3), train_dataset=data)
     trainer.add_callback(hfprune.GradientFlowCallback(flow))
     trainer.train()
@@ -485,4 +486,4 @@ def test_every_recipe_parses_and_fits_the_model_it_names():
         assert pruning_config.target.is_nm and args.max_steps > 0, recipe
         assert os.path.basename(recipe).startswith(pruning_config.method or pruning_config.gradient_flow), recipe
         assert f"{pruning_config.target.n}of{pruning_config.target.m}" in os.path.basename(recipe), recipe
-        hfprune.gradient_flow.GradientFlow(model, pruning_config)  # every SDGF stage divides the input sizes
+        GradientFlow(model, pruning_config)  # every SDGF stage divides the input sizes
