@@ -122,7 +122,9 @@ class HessianStatistic:
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.sum.mul_(2.0 / max(self.tokens, 1))
+        r"""`H`, handed over: the statistic drops its reference, so the caller alone decides when it is freed."""
+        H, self.sum = self.sum, None
+        return H.mul_(2.0 / max(self.tokens, 1))
 
 
 class InputNormStatistic:

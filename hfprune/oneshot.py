@@ -150,7 +150,11 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
             for name, module in targets.items():
                 leader = leader_of[name]
                 if leader not in prepared:
-                    prepared[leader] = _prepare(method, stats.pop(leader).result(), config)
+                    # Passed as a temporary, so that `prepare` may free the raw statistic once it is consumed.
+                    statistic = stats.pop(leader)
+                    prepared[leader] = (
+                        method.prepare(statistic.result(), config) if method.prepare else statistic.result()
+                    )
                 _prune_module(name, module, method, prepared[leader], config, report)
                 members_left[leader] -= 1
                 if not members_left[leader]:
@@ -161,10 +165,6 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
             _run_block(block, hidden, extra, write_back=True)
         block.to(home)
     hidden.clear()
-
-
-def _prepare(method: PruningMethod, raw, config: PruningConfig):
-    return method.prepare(raw, config) if method.prepare else raw
 
 
 def _prune_module(name, module, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):

@@ -511,7 +511,7 @@ def _default_permissions(folder: str) -> None:
     r"""Gives the finished folder the permissions of a normally created one (temporary files are private)."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
