@@ -208,8 +208,9 @@ class PruningConfig(PushToHubMixin):
         _check_positive("calibration_batch_size", self.calibration_batch_size)
         if self.calibration_seq_len is not None:
             _check_positive("calibration_seq_len", self.calibration_seq_len)
+        uses_blocks = self.method not in ("magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)
         for target in [self.target] + [t for _, t in self.overrides]:
-            if target.is_nm and self.block_size % target.m:
+            if uses_blocks and target.is_nm and self.block_size % target.m:
                 raise ValueError(
                     f"`block_size`={self.block_size} must be a multiple of M={target.m} so that N:M groups line up "
                     f"with SparseGPT's column blocks; use e.g. `block_size`={max(128 // target.m, 1) * target.m}."
