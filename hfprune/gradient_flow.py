@@ -16,10 +16,11 @@ pruned weights then get no gradient and stay zero, so no latent copy is kept.
 How [`GradientFlow`] does it without touching any module's `forward`:
 
 ```
-               on_optimizer_step (step s-1 done)                      forward + backward (step s)
- latent W  <-- weight (updated W) ; masks m from |W| ; weight <-- W~   ---->  weight.grad = dL/dW~
-                                                                                      |
- optimizer.step() runs on weight = W with grad dL/dW~  <-- weight <-- W  <-- on_pre_optimizer_step (+ SR-STE term)
+ step s:  forward + backward on weight = W~            ->  weight.grad = dL/dW~ (every micro-batch)
+          on_pre_optimizer_step (after clipping)        ->  [SR-STE: grad += lambda_W (1 - m) W]; weight <- W
+          optimizer.step()                              ->  W <- W - lr * update(dL/dW~)   (straight through)
+          on_optimizer_step                             ->  latent W <- weight; m <- mask of |W| for step s + 1;
+                                                            weight <- W~ = W * (m + alpha_{s+1} (1 - m))
 ```
 
 Between optimizer steps `module.weight` *holds* `W~`, so the bias, gradient checkpointing, DDP, evaluation and any
@@ -253,6 +254,9 @@ class GradientFlow:
         To resume, call [`load_state_dict`] first.
         """
         self.max_steps = max_steps
+        for entry in self.targets.values():  # the Trainer may have moved the model since the masks were given
+            if entry.keep_mask is not None and entry.keep_mask.device != entry.param.device:
+                entry.keep_mask = entry.keep_mask.to(entry.param.device)
         self._flips = torch.zeros((), dtype=torch.long, device=next(iter(self.targets.values())).param.device)
         self._recomputed = 0
         self._remove_hooks()
@@ -289,7 +293,7 @@ class GradientFlow:
         """
         final = self.final_keep_masks()
         for name, entry in self.targets.items():
-            entry.param.copy_(entry.weight * final[name])
+            effective_weight(entry.weight, final[name], 0.0, out=entry.param.data)
             entry.keep_mask, entry.pattern, entry.latent = final[name], entry.target, None
         self._remove_hooks()
 
@@ -319,7 +323,7 @@ class GradientFlow:
         r"""`{module name: W * m}` with the final masks (default [`final_keep_masks`]), in the parameter's layout:
         what a saved model holds."""
         final = self.final_keep_masks() if final_keep_masks is None else final_keep_masks
-        return {name: entry.weight * final[name] for name, entry in self.targets.items()}
+        return {name: effective_weight(entry.weight, final[name], 0.0) for name, entry in self.targets.items()}
 
     def pop_metrics(self) -> dict[str, float]:
         r"""Numbers for the Trainer logs, and resets the mask-flip counter.
@@ -430,7 +434,7 @@ class GradientFlow:
                     self._flips += torch.count_nonzero(_as_uint8(keep ^ entry.keep_mask))
                 entry.keep_mask, entry.pattern = keep, pattern
             if not latent_flow:  # `none`: pruned weights are zero for good
-                entry.param.mul_(entry.keep_mask)
+                entry.param.mul_(_as_uint8(entry.keep_mask))
                 continue
             if entry.latent is None:
                 entry.latent = entry.param.detach().clone()
@@ -442,7 +446,7 @@ class GradientFlow:
         if entry.keep_mask is None or self.schedule is None:
             return None
         if self.config.gradient_flow == "none":
-            return grad * entry.keep_mask
+            return grad * _as_uint8(entry.keep_mask)
         if self.schedule.phase != "decay" or self.schedule.alpha == 1.0:
             return None
         return scaled_gradient(grad, entry.keep_mask, self.schedule.alpha)
