@@ -12,7 +12,8 @@ from .oneshot import prune
 from .peft_utils import merge_lora
 from .report import ModuleReport, PruningReport
 from .semi_structured import to_semi_structured
-from .serialization import VerificationResult, load_keep_masks, load_pretrained, save_pruned, verify
+from .serialization import load_keep_masks, load_pretrained, save_pruned
+from .verification import VerificationResult, verify
 
 
 # Trainer integration imports `transformers.Trainer` (and through it accelerate and peft): load it on first use so

@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .serialization import verify
+    from .verification import verify
 
     result = verify(args.model)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)

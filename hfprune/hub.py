@@ -110,8 +110,9 @@ def _push_folder(folder, repo_id, token, private, commit_message, revision, crea
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import filter_repo_objects
 
+    from .fileio import read_record
     from .model_card import create_model_card
-    from .serialization import read_record, verify
+    from .verification import verify
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a folder.")

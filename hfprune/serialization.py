@@ -19,32 +19,25 @@ safetensors only, checks the recorded checksums, and verifies the recorded patte
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from .compact import (
     COMPACT_WEIGHTS_NAME,
-    CompactFormatError,
     convert_folder_to_compact,
     load_compact,
     load_keep_masks_file,
     save_keep_masks,
 )
 from .config import CONFIG_NAME, PruningConfig, write_json_atomic
-from .masks import SparsityTarget, nm_violations
+from .fileio import atomic_directory, check_files, file_info, read_record, weight_files
+from .masks import SparsityTarget
 from .report import PruningReport
 from .targets import find_targets, weight_view
+from .verification import check_weight, format_problems, verify
 
 
 logger = logging.getLogger(__name__)
@@ -63,35 +56,6 @@ HUB_ALLOW_PATTERNS = [
     "*.model",
     "*.tiktoken",
 ]
-
-
-@dataclass
-class VerificationResult:
-    r"""What [`verify`] found.
-
-    Args:
-        checked (`int`): modules whose weights were checked against their recorded pattern.
-        modules (`dict[str, str]`): module name to the problem, for every module that breaks its pattern.
-        files (`dict[str, str]`): file name to the problem, for every file whose checksum or size does not match.
-    """
-
-    checked: int = 0
-    modules: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.modules and not self.files
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked, "modules": dict(self.modules), "files": dict(self.files)}
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"OK: {self.checked} modules keep their recorded sparsity pattern."
-        lines = [f"{name}: {problem}" for name, problem in {**self.files, **self.modules}.items()]
-        head = f"FAILED: {len(self.modules)} of {self.checked} modules break their pattern"
-        return "\n".join([head + (f", {len(self.files)} files are damaged:" if self.files else ":"), *lines])
 
 
 def save_pruned(
@@ -155,7 +119,7 @@ def save_pruned(
     modules = module_record(model, config, report)
     broken = {name: entry["problem"] for name, entry in modules.items() if "problem" in entry}
     if broken:
-        raise ValueError("cannot save: these modules break their sparsity pattern:\n" + _lines(broken))
+        raise ValueError("cannot save: these modules break their sparsity pattern:\n" + format_problems(broken))
     if keep_masks is None and report is not None:
         keep_masks = getattr(report, "keep_masks", None)
     if keep_masks:
@@ -164,7 +128,7 @@ def save_pruned(
         return target
 
     record = {**config.to_dict(), "format": format, "modules": modules, "model_card": dict(model_card_info or {})}
-    with _atomic_directory(target, overwrite) as tmp:
+    with atomic_directory(target, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if format == "compact":
             convert_folder_to_compact(tmp, _compact_patterns(modules))
@@ -172,7 +136,7 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if keep_masks:
             save_keep_masks(os.path.join(tmp, KEEP_MASKS_NAME), {name: keep_masks[name] for name in modules})
-        record["files"] = {name: _file_info(os.path.join(tmp, name)) for name in _weight_files(tmp)}
+        record["files"] = {name: file_info(os.path.join(tmp, name)) for name in weight_files(tmp)}
         write_json_atomic(os.path.join(tmp, CONFIG_NAME), record)
         create_model_card(record, model_card_info, path=target).save(os.path.join(tmp, "README.md"))
     if push_to_hub:
@@ -211,68 +175,6 @@ def module_record(model: nn.Module, config: PruningConfig, report: PruningReport
     return record
 
 
-def check_weight(weight: torch.Tensor, pattern: str, min_zeros: int | None = None) -> str | None:
-    r"""The problem with `weight` `(out, in)` under `pattern`, or `None`.
-
-    N:M: any group of M along the input dimension with more than N nonzeros. Unstructured: fewer than `min_zeros`
-    zeros (default: `floor(sparsity * in)` in every row, the least any hfprune method prunes).
-    """
-    target = SparsityTarget.parse(pattern, field="pattern")
-    rows, cols = weight.shape
-    if target.is_nm:
-        if cols % target.m:
-            return f"input size {cols} is not a multiple of M={target.m} for {target}"
-        violations = nm_violations(weight, target.n, target.m)
-        if violations:
-            return f"{violations} of {rows * cols // target.m} groups of {target.m} hold more than {target.n} nonzeros"
-        return None
-    if min_zeros is None:
-        min_zeros = rows * int(target.sparsity * cols + 1e-9)
-    zeros = weight.numel() - int(torch.count_nonzero(weight))
-    if zeros < min_zeros:
-        return f"{zeros} zeros, fewer than the {min_zeros} recorded for sparsity {target}"
-    return None
-
-
-def verify(model_or_path: nn.Module | str | os.PathLike, record: Any = None) -> VerificationResult:
-    r"""Checks that every pruned module still follows its recorded pattern, and that the files are intact.
-
-    Args:
-        model_or_path (`nn.Module` or `str`): a model, or a checkpoint folder written by [`save_pruned`].
-        record (*optional*): for a model, what to check against: a [`PruningReport`], a [`PruningConfig`], or the
-            `pruning_config.json` dict. Default: the record [`load_pretrained`] attached as `model.pruning_record`.
-
-    Returns:
-        [`VerificationResult`]: `.ok`, `.modules` (broken module -> problem), `.files` (damaged file -> problem).
-
-    Example:
-        ```python
-        >>> result = hfprune.verify("llama-2of4")
-        >>> result.ok, result.checked
-        (True, 28)
-        ```
-    """
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return _verify_folder(os.fspath(model_or_path))
-    model = model_or_path
-    record = getattr(model, "pruning_record", None) if record is None else record
-    if record is None:
-        raise ValueError(
-            "pass `record=` (a PruningReport, PruningConfig or pruning_config.json dict) to verify a model."
-        )
-    if isinstance(record, PruningConfig):
-        modules = {name: {"pattern": entry["pattern"]} for name, entry in module_record(model, record).items()}
-    elif isinstance(record, PruningReport):
-        modules = {name: {"pattern": m.pattern, "num_zeros": m.num_zeros} for name, m in record.modules.items()}
-    else:
-        modules = record.get("modules")
-        if modules is None:
-            return verify(model, PruningConfig.from_dict(record))
-    named = dict(model.named_modules())
-    weights = {name: weight_view(named[name]) for name in modules if name in named}
-    return _check_modules(modules, weights)
-
-
 def load_pretrained(path: str | os.PathLike, *, verify_on_load: bool = True, model_class=None, **kwargs) -> nn.Module:
     r"""Loads a checkpoint written by [`save_pruned`], dense or compact, from safetensors only.
 
@@ -298,9 +200,9 @@ def load_pretrained(path: str | os.PathLike, *, verify_on_load: bool = True, mod
     record = read_record(path)
     fmt = record.get("format", "dense") if record else "dense"
     if verify_on_load and record:
-        damaged = _check_files(path, record.get("files"))
+        damaged = check_files(path, record.get("files"))
         if damaged:
-            raise ValueError(f"{path} is damaged, nothing was loaded:\n" + _lines(damaged))
+            raise ValueError(f"{path} is damaged, nothing was loaded:\n" + format_problems(damaged))
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
     model_class = model_class or _model_class(config)
     if fmt == "compact":
@@ -336,122 +238,19 @@ def load_pretrained(path: str | os.PathLike, *, verify_on_load: bool = True, mod
     return model
 
 
-def read_record(path: str) -> dict | None:
-    r"""The `pruning_config.json` of a checkpoint folder as a dict, or `None` when there is none."""
-    file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); the checkpoint is damaged.") from None
-
-
 def load_keep_masks(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     r"""The keep masks stored in a checkpoint folder (`bool` `(out, in)` by module name), or `None` if it has none."""
     file = os.path.join(os.fspath(path), KEEP_MASKS_NAME)
     if not os.path.isfile(file):
         return None
     recorded = ((read_record(os.fspath(path)) or {}).get("files") or {}).get(KEEP_MASKS_NAME)
-    damaged = _check_files(os.fspath(path), {KEEP_MASKS_NAME: recorded} if recorded else None)
+    damaged = check_files(os.fspath(path), {KEEP_MASKS_NAME: recorded} if recorded else None)
     if damaged:
         raise ValueError(f"{file}: {damaged[KEEP_MASKS_NAME]}")
     return load_keep_masks_file(file)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _verify_folder(path: str) -> VerificationResult:
-    from safetensors import SafetensorError
-
-    record = read_record(path)
-    if record is None:
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: it was not written by hfprune, nothing to verify.")
-    damaged = _check_files(path, record.get("files"))
-    try:
-        result = _verify_weights(path, record)
-    except (CompactFormatError, SafetensorError, OSError, KeyError) as e:
-        weights = COMPACT_WEIGHTS_NAME if record.get("format") == "compact" else "model.safetensors"
-        result = VerificationResult(files={weights: f"cannot be read ({type(e).__name__}: {e})"})
-    result.files.update(damaged)
-    return result
-
-
-def _verify_weights(path: str, record: dict) -> VerificationResult:
-    from safetensors import safe_open
-
-    modules = record.get("modules")
-    if not modules:
-        model = load_pretrained(path, verify_on_load=False)
-        return verify(model, PruningConfig.from_dict(record))
-    names = {f"{name}.weight": name for name in modules}
-    if record.get("format") == "compact":
-        tensors = {k: v for k, v in load_compact(os.path.join(path, COMPACT_WEIGHTS_NAME)).items() if k in names}
-    else:
-        index_file = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_file):
-            with open(index_file, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        else:
-            weight_map = dict.fromkeys(names, "model.safetensors")
-        tensors = {}
-        for file in sorted({weight_map[k] for k in names if k in weight_map}):
-            with safe_open(os.path.join(path, file), framework="pt") as f:
-                keys = f.keys()
-                tensors.update({k: f.get_tensor(k) for k in keys if k in names})
-    if len(tensors) < len(names):  # saved under other names (a conversion mapping): check the loaded model instead
-        return verify(load_pretrained(path, verify_on_load=False))
-    weights = {names[k]: v.t() if modules[names[k]].get("transposed") else v for k, v in tensors.items()}
-    return _check_modules(modules, weights)
-
-
-def _check_modules(modules: dict[str, dict], weights: dict[str, torch.Tensor]) -> VerificationResult:
-    result = VerificationResult(checked=len(modules))
-    for name, entry in modules.items():
-        weight = weights.get(name)
-        if weight is None:
-            result.modules[name] = "not found"
-        elif "numel" in entry and weight.numel() != entry["numel"]:
-            result.modules[name] = f"has {weight.numel()} weights, the record says {entry['numel']}"
-        else:
-            problem = check_weight(weight, entry["pattern"], entry.get("num_zeros"))
-            if problem:
-                result.modules[name] = problem
-    return result
-
-
-def _check_files(path: str, files: dict[str, dict] | None) -> dict[str, str]:
-    damaged = {}
-    for name, expected in (files or {}).items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            damaged[name] = "missing"
-            continue
-        actual = _file_info(file)
-        if actual["size"] != expected["size"]:
-            damaged[name] = f"{actual['size']} bytes, {expected['size']} recorded (truncated or replaced)"
-        elif actual["sha256"] != expected["sha256"]:
-            damaged[name] = "sha256 does not match the recorded checksum (corrupt or modified)"
-    return damaged
-
-
-def _file_info(file: str) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "size": os.path.getsize(file)}
-
-
-def _weight_files(folder: str) -> list[str]:
-    files = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name.endswith(".safetensors") or name == "model.safetensors.index.json":
-                files.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
-    return sorted(files)
 
 
 def _compact_patterns(modules: dict[str, dict]) -> dict[str, tuple[int | None, int | None, bool]]:
@@ -478,45 +277,6 @@ def _check_keep_masks(model: nn.Module, modules: dict[str, dict], keep_masks: di
             )
 
 
-@contextmanager
-def _atomic_directory(target: str, overwrite: bool) -> Iterator[str]:
-    r"""Yields a hidden temporary folder beside `target`, renamed to `target` when the block succeeds."""
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise FileExistsError(f"{target} exists and is not a folder.")
-    if os.path.isdir(target) and os.listdir(target) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass `overwrite=True` to replace it.")
-    parent, base = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.incomplete-", dir=parent)
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        old = None
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            os.replace(target, old)  # onto the empty `old` folder
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _default_permissions(folder: str) -> None:
-    r"""Gives the finished folder the permissions of a normally created one (temporary files are private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, _dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
 def _download(repo_id: str, kwargs: dict) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -537,7 +297,3 @@ def _model_class(config):
         if model_class is not None:
             return model_class
     return transformers.AutoModelForCausalLM._model_mapping[type(config)]
-
-
-def _lines(problems: dict[str, str]) -> str:
-    return "\n".join(f"  {name}: {problem}" for name, problem in problems.items())

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import hfprune
 from hfprune import PruningConfig
-from hfprune.serialization import KEEP_MASKS_NAME, _file_info, check_weight
+from hfprune.fileio import file_info as _file_info
+from hfprune.serialization import KEEP_MASKS_NAME
+from hfprune.verification import check_weight
 
 
 def read_json(path: str) -> dict:
