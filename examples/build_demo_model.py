@@ -1,0 +1,310 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["hfprune"]
+# ///
+r"""Builds the offline demo model: a small Llama trained from scratch on the Python standard library's own text.
+
+Every Python install ships the text: the docstrings and comments of the standard library's `.py` files. The build
+
+1. walks the stdlib in sorted order and turns each module into one document (its docstrings and comment blocks in
+   source order); a stable hash of the module path sends 5% of the modules to `eval.txt`, 10% to `calib.txt`, and
+   the rest to training,
+2. trains a byte-level BPE tokenizer on the training documents and saves it as a `PreTrainedTokenizerFast`,
+3. trains a `LlamaForCausalLM` with AdamW and a cosine schedule for a fixed number of steps on seeded random
+   windows (2 CPU threads, a few minutes),
+4. saves model, tokenizer, `calib.txt`, `eval.txt`, and last `build_info.json` (the completeness marker, with the
+   held-out perplexity).
+
+Same Python version + same seed = same documents, same tokenizer, same data order. Run again and it returns at once.
+
+    python examples/build_demo_model.py [--output-dir .cache/demo-model] [--steps 400] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import tokenize
+import zlib
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT_DIR = REPO_ROOT / ".cache" / "demo-model"
+MARKER = "build_info.json"
+BUILD_VERSION = 1  # bump when the recipe below changes, so old caches are rebuilt
+EOS = "<|endoftext|>"
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test"}
+
+# 0.85 M parameters in the 4 blocks + a 0.26 M embedding tied to lm_head; 400 steps x 16 x 256 = 1.6 M tokens.
+MODEL_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+VOCAB_SIZE = 2048
+
+
+def stdlib_root() -> Path:
+    r"""The standard library folder of the running Python (also right inside a virtual environment)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def module_text(source: bytes) -> str:
+    r"""A module's docstrings and comment blocks, in source order, separated by blank lines."""
+    tree = ast.parse(source)
+    pieces: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and node.body:
+                pieces.append((node.body[0].lineno, doc.strip()))
+    block: list[str] = []
+    block_start = last_line = -2
+    for token in tokenize.tokenize(io.BytesIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string.lstrip("#!").strip()
+        if not any(c.isalpha() for c in text):
+            continue
+        if token.start[0] != last_line + 1 and block:
+            pieces.append((block_start, " ".join(block)))
+            block = []
+        if not block:
+            block_start = token.start[0]
+        block.append(text)
+        last_line = token.start[0]
+    if block:
+        pieces.append((block_start, " ".join(block)))
+    return "\n\n".join(text for _, text in sorted(pieces, key=lambda p: p[0]))
+
+
+def collect_documents(root: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    r"""`(relative path, text)` for every parsable `.py` file under `root` (default: the stdlib), sorted by path."""
+    root = Path(root) if root is not None else stdlib_root()
+    documents = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            path = Path(dirpath) / filename
+            try:
+                text = module_text(path.read_bytes())
+            except (SyntaxError, ValueError, UnicodeDecodeError, tokenize.TokenError):
+                continue  # a few files are deliberately invalid (e.g. test data in Python 2 syntax)
+            if text:
+                documents.append((path.relative_to(root).as_posix(), text))
+    return sorted(documents)
+
+
+def split_of(name: str) -> str:
+    r"""`"eval"` for 5% of module paths, `"calib"` for 10%, else `"train"`; stable across runs and machines."""
+    bucket = zlib.crc32(name.encode("utf-8")) % 100
+    return "eval" if bucket < 5 else "calib" if bucket < 15 else "train"
+
+
+def split_documents(documents: list[tuple[str, str]]) -> dict[str, list[str]]:
+    splits: dict[str, list[str]] = {"train": [], "calib": [], "eval": []}
+    for name, text in documents:
+        splits[split_of(name)].append(text)
+    return splits
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    r"""A byte-level BPE tokenizer trained on `texts`, wrapped as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=MODEL_CONFIG["max_position_embeddings"],
+    )
+
+
+def train_model(ids, tokenizer, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50):
+    r"""Trains a fresh Llama on seeded random windows of `ids` `(tokens,)`; returns the model in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_CONFIG,
+    )
+    model = LlamaForCausalLM(config)
+    seq_len = config.max_position_embeddings
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    warmup = max(steps // 20, 1)
+
+    def schedule(step: int) -> float:  # linear warmup, then cosine down to 10% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(seed)  # the data order depends on the seed only
+    offsets = torch.arange(seq_len)
+    model.train()
+    start, ema = time.perf_counter(), None
+    for step in range(steps):
+        starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
+        batch = ids[starts[:, None] + offsets[None, :]]  # (batch, seq_len)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            rate = (step + 1) * batch_size * seq_len / (time.perf_counter() - start)
+            print(f"  step {step + 1:>5}/{steps}  loss {ema:.3f}  {rate:,.0f} tokens/s", flush=True)
+    return model.eval()
+
+
+def is_complete(output_dir: str | os.PathLike) -> bool:
+    r"""Whether `output_dir` holds a finished build of the current recipe (the marker is written last)."""
+    marker = Path(output_dir) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
+    except json.JSONDecodeError:
+        return False
+
+
+def build_demo_model(
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+    steps: int = 400,
+    batch_size: int = 16,
+    lr: float = 5e-3,
+    seed: int = 0,
+    force: bool = False,
+    stdlib: str | os.PathLike | None = None,
+    vocab_size: int = VOCAB_SIZE,
+    threads: int = 2,
+) -> Path:
+    r"""Builds the demo model into `output_dir` unless a complete build is already there; returns the folder.
+
+    Args:
+        output_dir (`str` or `os.PathLike`, *optional*, defaults to `.cache/demo-model` in the repository):
+            Where the model, tokenizer, `calib.txt`, `eval.txt` and `build_info.json` go.
+        steps (`int`, *optional*, defaults to 400): optimizer steps.
+        batch_size (`int`, *optional*, defaults to 16): windows of 256 tokens per step.
+        lr (`float`, *optional*, defaults to 5e-3): peak learning rate.
+        seed (`int`, *optional*, defaults to 0): seeds the initialization and the data order.
+        force (`bool`, *optional*, defaults to `False`): rebuild even when a complete build exists.
+        stdlib (*optional*): the folder to read instead of the running Python's standard library.
+        vocab_size (`int`, *optional*, defaults to 2048): BPE vocabulary size.
+        threads (`int`, *optional*, defaults to 2): torch CPU threads (results are reproducible for a fixed count).
+    """
+    import torch
+
+    from hfprune import perplexity
+    from hfprune.calibration import tokenize_text
+
+    output_dir = Path(output_dir)
+    if is_complete(output_dir) and not force:
+        return output_dir
+    if output_dir.exists():  # an interrupted or outdated build: start again, but never delete unrelated files
+        if any(output_dir.iterdir()) and not any((output_dir / f).exists() for f in (MARKER, "config.json")):
+            raise FileExistsError(f"{output_dir} is not empty and holds no demo-model build; choose another folder.")
+        shutil.rmtree(output_dir)
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[demo model {time.perf_counter() - start:4.0f} s] {message}", flush=True)
+
+    log(f"1/4 reading the docstrings and comments under {stdlib or stdlib_root()}")
+    documents = collect_documents(stdlib)
+    splits = split_documents(documents)
+    text = {name: "\n\n".join(docs) for name, docs in splits.items()}
+    sizes = ", ".join(f"{name} {len(splits[name])} modules / {len(text[name]) / 1e6:.2f} MB" for name in splits)
+    log(f"{len(documents)} modules: {sizes}")
+    log(f"2/4 training a byte-level BPE tokenizer (vocab {vocab_size})")
+    tokenizer = train_tokenizer(splits["train"], vocab_size)
+    ids = tokenize_text(text["train"], tokenizer)  # (tokens,)
+    log(f"{ids.numel():,} training tokens")
+    log(f"3/4 training a Llama for {steps} steps of {batch_size} x 256 tokens")
+    model = train_model(ids, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+    log("4/4 evaluating and saving")
+    eval_ppl = perplexity(model, tokenizer, [text["eval"]], seq_len=256, progress=False)
+    output_dir.mkdir(parents=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    for name in ("calib", "eval"):
+        (output_dir / f"{name}.txt").write_text(text[name], encoding="utf-8")
+    info = {
+        "build_version": BUILD_VERSION,
+        "python": sys.version.split()[0],
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "threads": threads,
+        "modules": {name: len(docs) for name, docs in splits.items()},
+        "train_tokens": ids.numel(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "eval_perplexity": round(eval_ppl, 3),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (output_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"done: held-out perplexity {eval_ppl:.2f} (vocab {len(tokenizer)}) in {output_dir}")
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    args = parser.parse_args()
+    folder = build_demo_model(
+        args.output_dir, args.steps, args.batch_size, args.lr, args.seed, args.force, threads=args.threads
+    )
+    print(json.loads((folder / MARKER).read_text()))
+
+
+if __name__ == "__main__":
+    main()
