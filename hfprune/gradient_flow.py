@@ -32,6 +32,7 @@ each parameter's own layout; they are never re-inferred from zeros.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -144,13 +145,34 @@ def _unstructured_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tens
     if count == 0:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     flat = scores.reshape(-1)
-    threshold = flat.kthvalue(count).values
+    threshold = _kth_smallest(flat, count)
     keep = scores > threshold
-    ties = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
-    excess = int(flat.numel() - keep.sum()) - count  # ties beyond the `count` lowest: keep the first of them
+    excess = flat.numel() - int(torch.count_nonzero(keep)) - count  # scores equal to the threshold beyond `count`
     if excess > 0:
+        ties = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
         keep.view(-1)[ties[:excess]] = True
     return keep
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    r"""`flat.kthvalue(k).values`, about twice as fast on large tensors: a strided sample of ~16k values brackets the
+    answer in a band `[lo, hi]` (3 standard deviations of the sample rank either side), and only the band is searched.
+    The result is exact; when the band misses (`k` not inside it) the whole tensor is searched."""
+    stride = flat.numel() // 16384
+    if stride < 4:
+        return flat.kthvalue(k).values
+    sample = flat[::stride]
+    rank = k * sample.numel() / flat.numel()
+    margin = 3 * math.sqrt(sample.numel()) + 1
+    lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    if lo_rank < 1 or hi_rank > sample.numel():
+        return flat.kthvalue(k).values
+    lo, hi = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
+    below = int(torch.count_nonzero(flat < lo))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + inside.numel():  # every value below `lo` is smaller than every value in the band
+        return inside.kthvalue(k - below).values
+    return flat.kthvalue(k).values
 
 
 # Arithmetic with masks goes through a uint8 view of the bool tensor (same bytes, 0/1): CPU kernels that mix bool and

@@ -66,6 +66,31 @@ def test_unstructured_keep_mask_matches_topk_masks(sparsity):
     assert (~keep).sum().item() == round(sparsity * 1600)  # 0.57 * 1600 = 912 exactly
 
 
+def reference_unstructured(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    r"""Prune the `floor(sparsity * numel)` smallest |w|; among equal values the higher flat indices go first."""
+    flat = weight.abs().reshape(-1)
+    order = flat.numel() - 1 - torch.argsort(flat.flip(0), stable=True)  # ascending |w|, ties: descending index
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[order[: int(sparsity * flat.numel() + 1e-9)]] = False
+    return keep.view(weight.shape)
+
+
+@pytest.mark.parametrize("kind", ["random", "rounded", "sorted", "mostly_zero"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+def test_unstructured_keep_mask_on_large_matrices_is_exact(kind, sparsity):
+    # 512 x 256 = 131072 weights: large enough for the sampled threshold search
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(512, 256, generator=generator)
+    if kind == "rounded":  # thousands of exact ties at the threshold
+        weight = (weight * 20).round() / 20
+    elif kind == "sorted":  # a strided sample of sorted values is evenly spread but correlated with position
+        weight = weight.reshape(-1).sort().values.reshape(512, 256)
+    elif kind == "mostly_zero":
+        weight = weight * (torch.rand(512, 256, generator=generator) < 0.05)
+    keep = magnitude_keep_mask(weight, pattern(str(sparsity)))
+    assert torch.equal(keep, reference_unstructured(weight, sparsity))
+
+
 def test_magnitude_keep_mask_rejects_indivisible_groups():
     with pytest.raises(ValueError, match="multiple of 16"):
         magnitude_keep_mask(torch.randn(2, 24), pattern("2:16"))
