@@ -32,7 +32,6 @@ each parameter's own layout; they are never re-inferred from zeros.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,7 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PruningConfig
-from .masks import SparsityTarget, nm_keep_mask, nm_violations, num_to_prune
+from .masks import SparsityTarget, nm_keep_mask, nm_violations, unstructured_keep_mask
 from .schedules import Schedule, pattern_at, schedule_at, sdgf_stages
 from .targets import find_targets, in_features
 
@@ -92,7 +91,7 @@ def magnitude_keep_mask(
         scores = weight.abs()
         if keep_mask is not None:
             scores.masked_fill_(~keep_mask, -1.0)
-        return _unstructured_keep_mask(scores, pattern.sparsity)
+        return unstructured_keep_mask(scores, pattern.sparsity)
     n, m = pattern.n, pattern.m
     if cols % m:
         raise ValueError(f"an {pattern} pattern needs the input size to be a multiple of {m}, got {cols}.")
@@ -136,43 +135,6 @@ def _keep_top_n(slabs: torch.Tensor, n: int) -> torch.Tensor:
             ranks[i].add_(_as_uint8(j_wins))
             ranks[j].sub_(_as_uint8(j_wins))
     return torch.lt(rank, n)
-
-
-def _unstructured_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    r"""Prunes exactly `floor(sparsity * numel)` lowest `scores`; among scores equal to the threshold, the lower flat
-    indices are kept."""
-    count = num_to_prune(scores.numel(), sparsity)
-    if count == 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    flat = scores.reshape(-1)
-    threshold = _kth_smallest(flat, count)
-    keep = scores > threshold
-    excess = flat.numel() - int(torch.count_nonzero(keep)) - count  # scores equal to the threshold beyond `count`
-    if excess > 0:
-        ties = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
-        keep.view(-1)[ties[:excess]] = True
-    return keep
-
-
-def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    r"""`flat.kthvalue(k).values`, about twice as fast on large tensors: a strided sample of ~16k values brackets the
-    answer in a band `[lo, hi]` (3 standard deviations of the sample rank either side), and only the band is searched.
-    The result is exact; when the band misses (`k` not inside it) the whole tensor is searched."""
-    stride = flat.numel() // 16384
-    if stride < 4:
-        return flat.kthvalue(k).values
-    sample = flat[::stride]
-    rank = k * sample.numel() / flat.numel()
-    margin = 3 * math.sqrt(sample.numel()) + 1
-    lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    if lo_rank < 1 or hi_rank > sample.numel():
-        return flat.kthvalue(k).values
-    lo, hi = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
-    below = int(torch.count_nonzero(flat < lo))
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    if below < k <= below + inside.numel():  # every value below `lo` is smaller than every value in the band
-        return inside.kthvalue(k - below).values
-    return flat.kthvalue(k).values
 
 
 # Arithmetic with masks goes through a uint8 view of the bool tensor (same bytes, 0/1): CPU kernels that mix bool and

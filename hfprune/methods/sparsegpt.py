@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..masks import SparsityTarget, num_to_prune
+from ..masks import SparsityTarget, lowest_mask, num_to_prune
 from .registry import PruneResult, register_method
 
 
@@ -53,16 +53,6 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
     del M
     U = U.flip(0, 1)  # J M^-1 J, upper
     return SparseGPTFactor(U, dead)
-
-
-def _select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    r"""`bool` mask of exactly the `k` lowest entries of `scores` (ties broken by position)."""
-    flat = scores.reshape(-1)
-    threshold = flat.kthvalue(k).values
-    chosen = flat < threshold
-    ties = (flat == threshold).nonzero().squeeze(1)[: k - int(chosen.sum())]
-    chosen[ties] = True
-    return chosen.view(scores.shape)
 
 
 @register_method("sparsegpt", statistic="hessian", prepare=factorize)
@@ -113,7 +103,7 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
         if not target.is_nm:
             k = num_to_prune(rows * width, target.sparsity)
             if k:
-                pruned1 = _select_lowest(W1.square() / d.square()[:, None], k)
+                pruned1 = lowest_mask(W1.square() / d.square()[:, None], k)
         err_scale = pruned1 / d[:, None]  # (B, out): 1 / U_jj where pruned, else 0
         for s1 in range(0, width, sub):
             s2 = min(s1 + sub, width)
