@@ -1,0 +1,648 @@
+r"""One-shot pruning benchmark: hfprune against llm-compressor (SparseGPT, Wanda) and a plain torch reference (magnitude).
+
+Two parts, each configuration in a fresh subprocess so that peak memory (the process's peak resident set size, read
+right after pruning) is not inflated by earlier runs:
+
+- `kdoc`: a small trained Llama (`--model`, default `../shared/models/llama-kdoc-5m`). Dense, magnitude, Wanda and
+  SparseGPT at 50%, 70%, 2:4 and 4:8; calibration 128 windows x 256 tokens drawn from its `calib.txt`
+  (`hfprune.calibration.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
+  on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
+  are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
+- `wide`: a randomly initialized (seeded) Llama with hidden 2048, MLP 5632, 2 blocks, 32 heads and vocab 32000,
+  calibrated on 128 x 256 random token ids. Times SparseGPT and Wanda (50% and 2:4) in both tools and compares
+  each with a compute floor: the FLOPs the job cannot avoid divided by this machine's fp32 matmul rate, measured
+  in the same run (2048 x 2048 @ 2048 x 2048, the same thread count).
+
+llm-compressor runs in its own virtual environment (`benchmarks/setup_llmcompressor.sh` creates `.cache/llmc-venv`)
+through `benchmarks/llmcompressor_driver.py`. Settings are the same for both tools: sparsity, N:M pattern, SparseGPT
+block size 128, dampening 0.01, calibration batch size, every `nn.Linear` of the decoder layers (not `lm_head`).
+
+    python benchmarks/bench_oneshot.py                       # everything; writes benchmarks/results/oneshot.md
+    python benchmarks/bench_oneshot.py --only kdoc           # perplexity part only
+    python benchmarks/bench_oneshot.py --quick               # smoke run of every path (small sizes, minutes)
+    python benchmarks/bench_oneshot.py --skip-llmcompressor --methods sparsegpt wanda
+
+Partial and quick runs write their table under `.cache/bench-oneshot/` unless `--output` says otherwise, so that
+only a full run replaces `benchmarks/results/oneshot.md`; subprocess logs go to `.cache/bench-oneshot/bench.log`.
+
+Timings are only meaningful on an otherwise idle machine; the table records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "../shared/models/llama-kdoc-5m"
+DEFAULT_LLMC_PYTHON = REPO_ROOT / ".cache" / "llmc-venv" / "bin" / "python"
+WORK_DIR = REPO_ROOT / ".cache" / "bench-oneshot"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+KDOC_PATTERNS = ("0.5", "0.7", "2:4", "4:8")
+WIDE_PATTERNS = ("0.5", "2:4")
+WIDE_CONFIG = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 256,
+}
+QUICK_WIDE_CONFIG = {**WIDE_CONFIG, "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8}
+QUICK_WIDE_CONFIG.update(num_key_value_heads=8, vocab_size=4096)
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements inside one subprocess
+# ----------------------------------------------------------------------------------------------------------------
+def memory_status() -> dict[str, int]:
+    r"""Current (`rss`) and peak (`peak_rss`) resident set size of this process in bytes."""
+    status = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    status[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    if "VmHWM" not in status:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        scale = 1 if sys.platform == "darwin" else 1024
+        status["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        status.setdefault("VmRSS", status["VmHWM"])
+    return {"rss": status["VmRSS"], "peak_rss": status["VmHWM"]}
+
+
+def load_for_measurement(model_path: str):
+    r"""Loads a causal LM with every weight in process memory and restarts the peak-RSS count (Linux).
+
+    `from_pretrained` memory-maps the safetensors file and pages come in as they are first touched (with kernel
+    read-around), which makes a peak RSS depend on access order and page-cache state. Copying every parameter into
+    process memory first, then resetting the high-water mark (`/proc/self/clear_refs`), gives a peak that is the
+    loaded model plus what the pruning run itself allocates, the same way for both tools. Returns the model and
+    whether the reset worked (elsewhere the peak also covers loading).
+    """
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():  # deduplicated, so tied weights stay tied
+            param.data = param.data.clone()
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "reset the peak resident set size" (proc(5))
+        return model, True
+    except OSError:
+        return model, False
+
+
+def reference_magnitude_(model, target) -> None:
+    r"""Plain magnitude pruning of every decoder-layer `nn.Linear`, in place, written from scratch for comparison.
+
+    Unstructured: one threshold per weight matrix, the k-th smallest |w| with k = floor(sparsity * numel).
+    N:M: in every M consecutive inputs of a row, the M - N smallest |w| are zeroed.
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")):
+            continue
+        W = module.weight.data  # (out, in)
+        if target.is_nm:
+            groups = W.abs().reshape(W.shape[0], -1, target.m)  # (out, in/m, m)
+            drop = groups.argsort(dim=-1)[..., : target.m - target.n]
+            keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(W.shape)
+        else:
+            k = int(target.sparsity * W.numel())
+            keep = W.abs() > W.abs().flatten().kthvalue(k).values if k else torch.ones_like(W, dtype=torch.bool)
+        W.mul_(keep)
+
+
+def decoder_sparsity(model) -> float:
+    import torch
+
+    zeros = numel = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            zeros += int((module.weight == 0).sum())
+            numel += module.weight.numel()
+    return zeros / max(numel, 1)
+
+
+def run_worker(spec: dict) -> dict:
+    r"""One configuration: load the model, prune it with one tool (or load pruned weights), measure, evaluate."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from hfprune import PruningConfig, perplexity, prune
+    from hfprune.masks import SparsityTarget
+
+    model, peak_reset = load_for_measurement(spec["model"])
+    model.eval()
+    result = {"tool": spec["tool"], "method": spec["method"], "sparsity": spec["sparsity"], "peak_reset": peak_reset}
+    ids = torch.load(spec["calibration"]) if spec.get("calibration") else None  # (samples, seq_len)
+    before = memory_status()
+    start = time.perf_counter()
+    if spec["tool"] == "hfprune" and spec["method"] != "dense":
+        config = PruningConfig(
+            method=spec["method"],
+            sparsity=spec["sparsity"],
+            block_size=spec["block_size"],
+            dampening=spec["dampening"],
+            num_calibration_samples=ids.shape[0],
+            calibration_seq_len=ids.shape[1],
+            calibration_batch_size=spec["batch_size"],
+            pruning_device="cpu",
+        )
+        prune(model, config, ids, progress=False)
+    elif spec["tool"] == "torch reference":
+        with torch.no_grad():
+            reference_magnitude_(model, SparsityTarget.parse(spec["sparsity"]))
+    elif spec["tool"] == "llm-compressor":  # evaluation only: the pruning ran in llm-compressor's environment
+        _, unexpected = model.load_state_dict(load_file(spec["weights"]), strict=False)
+        assert not unexpected, unexpected
+    result["seconds"] = time.perf_counter() - start
+    result.update(rss_before=before["rss"], peak_rss=memory_status()["peak_rss"])
+    result["decoder_sparsity"] = decoder_sparsity(model)
+    if spec.get("eval"):
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+        result["perplexity"] = perplexity(
+            model,
+            tokenizer,
+            spec["eval"],
+            seq_len=spec["seq_len"],
+            max_windows=spec.get("max_windows"),
+            progress=False,
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------------
+def subprocess_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_logged(command: list[str], log: Path, threads: int) -> None:
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(command)}\n")
+        f.flush()
+        env = subprocess_env(threads)
+        completed = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+    if completed.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"command failed ({completed.returncode}): {shlex.join(command)}\n{tail}")
+
+
+def hfprune_job(spec: dict, args, label: str) -> dict:
+    spec = {**spec, "threads": args.threads}
+    spec_file = WORK_DIR / f"{label}.spec.json"
+    out_file = WORK_DIR / f"{label}.result.json"
+    spec_file.write_text(json.dumps(spec))
+    out_file.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(spec_file),
+        "--worker-output",
+        str(out_file),
+    ]
+    run_logged(command, WORK_DIR / "bench.log", args.threads)
+    return json.loads(out_file.read_text())
+
+
+def llmcompressor_job(spec: dict, args, label: str) -> dict:
+    out_dir = WORK_DIR / label
+    command = [
+        str(args.llmc_python),
+        str(REPO_ROOT / "benchmarks" / "llmcompressor_driver.py"),
+        "--model", spec["model"],
+        "--calibration", spec["calibration"],
+        "--method", spec["method"],
+        "--sparsity", spec["sparsity"],
+        "--block-size", str(spec["block_size"]),
+        "--dampening", str(spec["dampening"]),
+        "--batch-size", str(spec["batch_size"]),
+        "--threads", str(args.threads),
+        "--output-dir", str(out_dir),
+    ]  # fmt: skip
+    run_logged(command, WORK_DIR / "bench.log", args.threads)
+    result = json.loads((out_dir / "result.json").read_text())
+    if spec.get("eval"):  # perplexity with hfprune's own evaluation, in a fresh process
+        weights = str(out_dir / "pruned.safetensors")
+        evaluated = hfprune_job({**spec, "tool": "llm-compressor", "weights": weights}, args, label + "-eval")
+        assert abs(evaluated["decoder_sparsity"] - result["decoder_sparsity"]) < 1e-9
+        result["perplexity"] = evaluated["perplexity"]
+    return result
+
+
+def describe(method: str, sparsity: str) -> str:
+    return "dense" if method == "dense" else f"{method} {sparsity if ':' in sparsity else f'{float(sparsity):.0%}'}"
+
+
+def run_kdoc(args, log) -> list[dict]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hfprune.calibration import calibration_windows
+
+    model = str(Path(args.model).resolve())
+    samples, seq_len = (16, 256) if args.quick else (128, 256)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = calibration_windows(os.path.join(model, "calib.txt"), tokenizer, samples, seq_len, seed=0)
+    calibration = WORK_DIR / f"kdoc-calibration-{samples}x{seq_len}.pt"
+    torch.save(ids, calibration)
+    base = {
+        "model": model,
+        "calibration": str(calibration),
+        "block_size": 128,
+        "dampening": 0.01,
+        "batch_size": args.batch_size,
+        "eval": os.path.join(model, "eval.txt"),
+        "seq_len": 256,
+        "max_windows": 64 if args.quick else None,
+    }
+    rows = []
+    dense = hfprune_job({**base, "tool": "hfprune", "method": "dense", "sparsity": "0"}, args, "kdoc-dense")
+    log(f"kdoc dense: perplexity {dense['perplexity']:.2f}")
+    rows.append({"method": "dense", "sparsity": "0", "hfprune": dense, "reference": None})
+    patterns = args.patterns or (("0.5", "2:4") if args.quick else KDOC_PATTERNS)
+    for method in [m for m in METHODS if m in args.methods]:
+        for sparsity in patterns:
+            label = f"kdoc-{method}-{sparsity.replace(':', 'of')}"
+            spec = {**base, "method": method, "sparsity": sparsity}
+            ours = hfprune_job({**spec, "tool": "hfprune"}, args, label)
+            if method == "magnitude":
+                ref = hfprune_job({**spec, "tool": "torch reference"}, args, label + "-ref")
+            elif args.skip_llmcompressor:
+                ref = None
+            else:
+                ref = llmcompressor_job(spec, args, label + "-llmc")
+            rows.append({"method": method, "sparsity": sparsity, "hfprune": ours, "reference": ref})
+            log(f"kdoc {describe(method, sparsity)}: " + summary(ours, ref))
+    return rows
+
+
+def save_wide_model(config: dict, folder: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.save_pretrained(folder)
+
+
+def matmul_rate(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    r"""This machine's fp32 matmul rate in FLOP/s: median over `repeats` timed `(size, size) @ (size, size)`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    out = torch.empty(size, size)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def floor_flops(config: dict, samples: int, seq_len: int, method: str, block_passes: int) -> float:
+    r"""FLOPs a one-shot job cannot avoid on a Llama with `config`, for `samples` x `seq_len` calibration tokens.
+
+    - forward: `block_passes` passes of T tokens through the decoder blocks; per token and block the seven
+      projections (2 FLOPs per multiply-add) plus causal attention (QK^T and AV over on average S/2 keys: 2 S d);
+    - SparseGPT: one Hessian `2 X X^T` per distinct input (attention input, o_proj input, MLP input, down_proj
+      input: 2 T n^2 each); per distinct input 4 n^3 / 3 for Cholesky, inverse and the upper Cholesky of the inverse;
+      per weight `(rows, cols)` the OBS updates of the columns right of each pruned column, sum over j of
+      rows (cols - j) multiply-adds = rows cols^2 FLOPs;
+    - Wanda: a squared norm per input feature, 2 T n per distinct input.
+    """
+    d, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    kv = d // heads * kv_heads
+    tokens = samples * seq_len
+    layers = config["num_hidden_layers"]
+    weights = [(d, d), (kv, d), (kv, d), (d, d), (inter, d), (inter, d), (d, inter)]  # (rows, cols) q k v o g u d
+    inputs = [d, d, d, inter]  # attention, o_proj, MLP, down_proj
+    per_token = sum(2 * r * c for r, c in weights) + 2 * seq_len * d
+    flops = block_passes * tokens * per_token
+    if method == "sparsegpt":
+        flops += layers * sum(2 * tokens * n * n + 4 * n**3 / 3 for n in inputs)
+        flops += layers * sum(r * c * c for r, c in weights)
+    elif method == "wanda":
+        flops += layers * sum(2 * tokens * n for n in inputs)
+    return flops
+
+
+def run_wide(args, log) -> dict:
+    import torch
+
+    config = QUICK_WIDE_CONFIG if args.quick else WIDE_CONFIG
+    samples, seq_len = (16, 256) if args.quick else (128, 256)
+    folder = WORK_DIR / ("wide-quick-model" if args.quick else "wide-model")
+    save_wide_model(config, folder)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config["vocab_size"], (samples, seq_len), generator=generator)
+    calibration = WORK_DIR / f"wide-calibration-{samples}x{seq_len}-{config['vocab_size']}.pt"
+    torch.save(ids, calibration)
+    rate = matmul_rate(args.threads)
+    log(f"fp32 matmul rate (2048^3, {args.threads} threads): {rate / 1e9:.1f} GFLOP/s")
+    base = {
+        "model": str(folder),
+        "calibration": str(calibration),
+        "block_size": 128,
+        "dampening": 0.01,
+        "batch_size": args.batch_size,
+    }
+    rows = []
+    patterns = args.patterns or WIDE_PATTERNS
+    layers = config["num_hidden_layers"]
+    for method in [m for m in ("sparsegpt", "wanda") if m in args.methods]:
+        for sparsity in patterns:
+            label = f"wide-{method}-{sparsity.replace(':', 'of')}"
+            spec = {**base, "method": method, "sparsity": sparsity}
+            ours = hfprune_job({**spec, "tool": "hfprune"}, args, label)
+            ref = None if args.skip_llmcompressor else llmcompressor_job(spec, args, label + "-llmc")
+            floor = floor_flops(config, samples, seq_len, method, block_passes=2 * layers) / rate
+            strict = floor_flops(config, samples, seq_len, method, block_passes=2 * layers - 1) / rate
+            rows.append(
+                {"method": method, "sparsity": sparsity, "hfprune": ours, "reference": ref, "floor": floor,
+                 "strict_floor": strict}
+            )  # fmt: skip
+            log(f"wide {describe(method, sparsity)}: floor {floor:.1f} s; " + summary(ours, ref))
+    return {"rows": rows, "rate": rate, "config": config, "samples": samples, "seq_len": seq_len}
+
+
+def summary(ours: dict, ref: dict | None) -> str:
+    def one(r):
+        ppl = f"ppl {r['perplexity']:.2f}, " if "perplexity" in r else ""
+        return f"{ppl}{r['seconds']:.1f} s, peak {r['peak_rss'] / GIB:.2f} GiB, sparsity {r['decoder_sparsity']:.4f}"
+
+    return f"hfprune {one(ours)}" + (f" | {ref['tool']} {one(ref)}" if ref else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}" if a is not None and b else "-"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def get(result: dict | None, key: str, scale: float = 1.0) -> float | None:
+    return result[key] / scale if result and key in result else None
+
+
+def kdoc_table(rows: list[dict]) -> list[str]:
+    lines = [
+        (
+            "| method | hfprune ppl | reference ppl | ppl ratio | hfprune s | reference s | time ratio "
+            "| hfprune peak GiB | reference peak GiB | sparsity (hfprune / ref) | reference |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        ours, ref = row["hfprune"], row["reference"]
+        if row["method"] == "dense":
+            lines.append(
+                f"| dense | {ours['perplexity']:.2f} | | | | | | {ours['peak_rss'] / GIB:.2f} | | "
+                f"{ours['decoder_sparsity']:.5f} | |"
+            )
+            continue
+        reference = (ref["tool"] + (f" {ref['version']}" if "version" in ref else " (this script)")) if ref else "-"
+        sparsity = f"{ours['decoder_sparsity']:.5f} / {fmt(get(ref, 'decoder_sparsity'), '.5f')}"
+        lines.append(
+            f"| {describe(row['method'], row['sparsity'])} | {ours['perplexity']:.2f} "
+            f"| {fmt(get(ref, 'perplexity'), '.2f')} | {ratio(get(ours, 'perplexity'), get(ref, 'perplexity'), 3)} "
+            f"| {ours['seconds']:.2f} | {fmt(get(ref, 'seconds'), '.2f')} | {ratio(ours['seconds'], get(ref, 'seconds'))} "
+            f"| {ours['peak_rss'] / GIB:.2f} | {fmt(get(ref, 'peak_rss', GIB), '.2f')} | {sparsity} | {reference} |"
+        )
+    return lines
+
+
+def wide_table(wide: dict) -> list[str]:
+    lines = [
+        (
+            "| method | hfprune s | llm-compressor s | time ratio | floor s | hfprune / floor "
+            "| llm-compressor / floor | hfprune peak GiB | llm-compressor peak GiB | memory ratio "
+            "| peak - RSS before pruning, GiB (hfprune / llm-compressor) |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in wide["rows"]:
+        ours, ref, floor = row["hfprune"], row["reference"], row["floor"]
+        lines.append(
+            f"| {describe(row['method'], row['sparsity'])} | {ours['seconds']:.1f} | {fmt(get(ref, 'seconds'), '.1f')} "
+            f"| {ratio(ours['seconds'], get(ref, 'seconds'))} | {floor:.1f} | {ours['seconds'] / floor:.2f} "
+            f"| {ratio(get(ref, 'seconds'), floor)} | {ours['peak_rss'] / GIB:.2f} "
+            f"| {fmt(get(ref, 'peak_rss', GIB), '.2f')} | {ratio(ours['peak_rss'], get(ref, 'peak_rss'))} "
+            f"| {(ours['peak_rss'] - ours['rss_before']) / GIB:.2f} "
+            f"/ {fmt(ref and (ref['peak_rss'] - ref['rss_before']) / GIB, '.2f')} |"
+        )
+    return lines
+
+
+def environment(args) -> list[str]:
+    import torch
+    import transformers
+
+    import hfprune
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    versions = f"hfprune {hfprune.__version__} (git {commit or 'unknown'}), torch {torch.__version__}, "
+    versions += f"transformers {transformers.__version__}"
+    if not args.skip_llmcompressor:
+        code = "import importlib.metadata as m; print(*(m.version(p) for p in ('llmcompressor', 'torch', 'transformers')))"
+        out = subprocess.run(
+            [str(args.llmc_python), "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        versions += f"; llm-compressor {out[0]} (torch {out[1]}, transformers {out[2]}, own environment)"
+    machine = f"{cpu}, {os.cpu_count()} logical CPUs; torch threads per run: {args.threads}"
+    return [f"- machine: {machine}; calibration batch size: {args.batch_size}", f"- versions: {versions}"]
+
+
+def write_report(args, command: str, kdoc, wide, load_before, load_after, output: Path) -> str:
+    busy = max(load_before, load_after) > 1.5 * args.threads - 0.5
+    rows = (kdoc or []) + (wide["rows"] if wide else [])
+    results = [r[key] for r in rows for key in ("hfprune", "reference") if r.get(key)]
+    unreset = [r for r in results if "peak_rss" in r and not r.get("peak_reset", False)]
+    lines = [
+        "# One-shot pruning: hfprune vs llm-compressor",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {datetime.date.today().isoformat()}" + ("  (QUICK smoke run: reduced sizes)" if args.quick else ""),
+        "",
+        *environment(args),
+        f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
+        + ("  **(machine busy: timings are not trustworthy)**" if busy else ""),
+        "",
+        (
+            "Ratios are hfprune / reference: below 1 means hfprune is lower (better) in perplexity, time or memory. "
+            "Every run is a fresh process. Time is the wall time of the pruning call (`hfprune.prune` / "
+            "`llmcompressor.oneshot`), model loading excluded. Peak memory is the peak resident set size during that "
+            "call: the weights are copied into process memory and the peak counter is reset right after loading, so "
+            "it counts the process (interpreter, libraries), the loaded model, and everything the pruning run "
+            "allocates." + (" **The peak counter could not be reset here: peaks include loading.**" if unreset else "")
+        ),
+        "",
+    ]
+    if kdoc is not None:
+        calibration = f"{16 if args.quick else 128} windows x 256 tokens"
+        evaluation = "the first 64 windows of `eval.txt`" if args.quick else "all of `eval.txt`"
+        lines += [
+            f"## Perplexity: {Path(args.model).name}",
+            "",
+            (
+                f"Calibration: {calibration} from `calib.txt` (`hfprune.calibration.calibration_windows`, seed 0), "
+                f"the same token ids for both tools. Perplexity: {evaluation}, non-overlapping windows of 256 tokens, "
+                "`hfprune.perplexity` for every row (llm-compressor's pruned weights are loaded into a fresh copy of "
+                "the model). SparseGPT: block size 128, dampening 0.01. Pruned: every `nn.Linear` of the decoder "
+                "layers."
+            ),
+            "",
+            *kdoc_table(kdoc),
+            "",
+            (
+                "Magnitude is compared with a plain torch implementation in this script (`reference_magnitude_`: one "
+                "threshold per weight matrix; for N:M the smallest M-N of every M inputs of a row), because "
+                "llm-compressor's `MagnitudePruningModifier` does nothing in one-shot mode (it prunes on training-step "
+                "events). In unstructured mode llm-compressor's SparseGPT prunes every weight at or below the score at "
+                "index floor(p B rows) of each block, one more than the target, hence its slightly higher sparsity."
+            ),
+            "",
+        ]
+    if wide is not None:
+        cfg = wide["config"]
+        strict = ", ".join(f"{describe(r['method'], r['sparsity'])} {r['strict_floor']:.1f} s" for r in wide["rows"])
+        lines += [
+            "## Speed and memory: wide random Llama",
+            "",
+            (
+                f"Llama from config with random weights (seed 0): hidden {cfg['hidden_size']}, MLP "
+                f"{cfg['intermediate_size']}, {cfg['num_hidden_layers']} blocks, {cfg['num_attention_heads']} heads, "
+                f"vocab {cfg['vocab_size']}; calibration {wide['samples']} x {wide['seq_len']} random token ids "
+                f"(seed 0). Measured fp32 matmul rate (2048 x 2048 @ 2048 x 2048, {args.threads} threads, median of "
+                f"10): **{wide['rate'] / 1e9:.1f} GFLOP/s**."
+            ),
+            "",
+            *wide_table(wide),
+            "",
+            (
+                "Floor = FLOPs / matmul rate. FLOPs: two forward passes of every block over the calibration tokens "
+                "(the 7 projections + causal attention); for SparseGPT also one Hessian per distinct input (2 T n^2 "
+                "for the attention input, the o_proj input, the MLP input and the down_proj input), Cholesky + "
+                "inverse + upper Cholesky per distinct input (4 n^3 / 3) and the OBS column updates (rows x cols^2 "
+                "per weight); for Wanda also the input norms (2 T n). Nothing needs the last block's second pass "
+                f"(its pruned outputs); without it the floors are {strict}."
+            ),
+            "",
+        ]
+    text = "\n".join(lines)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="trained Llama folder with calib.txt and eval.txt")
+    parser.add_argument("--only", choices=["kdoc", "wide"], help="run only one part")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--patterns", nargs="+", help="sparsities to run (default kdoc: 0.5 0.7 2:4 4:8; wide: 0.5 2:4)"
+    )
+    parser.add_argument(
+        "--skip-llmcompressor", action="store_true", help="run hfprune (and the magnitude reference) only"
+    )
+    parser.add_argument(
+        "--llmc-python", default=str(DEFAULT_LLMC_PYTHON), help="python of the llm-compressor environment"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 16 calibration windows, 64 eval windows, small wide model"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every run")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward, both tools")
+    parser.add_argument(
+        "--output",
+        help="markdown file (default: benchmarks/results/oneshot.md for a full run, .cache/bench-oneshot/ otherwise)",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = run_worker(json.loads(Path(args.worker).read_text()))
+        Path(args.worker_output).write_text(json.dumps(result))
+        return
+
+    if not args.skip_llmcompressor and not Path(args.llmc_python).exists():
+        sys.exit(f"{args.llmc_python} not found: run benchmarks/setup_llmcompressor.sh, or pass --skip-llmcompressor.")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    (WORK_DIR / "bench.log").write_text("")
+    if args.output:
+        output = Path(args.output)
+    elif args.quick or args.only or args.skip_llmcompressor or args.patterns or set(args.methods) != set(METHODS):
+        # a partial or smoke run must not replace the committed table of a full run
+        output = WORK_DIR / f"oneshot-{'quick-' if args.quick else ''}{args.only or 'all'}.md"
+    else:
+        output = REPO_ROOT / "benchmarks" / "results" / "oneshot.md"
+    command = "python benchmarks/bench_oneshot.py " + shlex.join(sys.argv[1:])
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
+
+    load_before = os.getloadavg()[0]
+    kdoc = run_kdoc(args, log) if args.only in (None, "kdoc") else None
+    wide = run_wide(args, log) if args.only in (None, "wide") else None
+    text = write_report(args, command.strip(), kdoc, wide, load_before, os.getloadavg()[0], output)
+    print("\n" + text)
+    log(f"wrote {output} (subprocess logs: {WORK_DIR / 'bench.log'})")
+
+
+if __name__ == "__main__":
+    main()

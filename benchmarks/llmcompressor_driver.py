@@ -1,0 +1,124 @@
+r"""Runs one llm-compressor one-shot pruning job for `bench_oneshot.py`, inside llm-compressor's own environment.
+
+It loads the model, reads the calibration token windows that the benchmark drew (so both tools see the same
+tokens), runs `llmcompressor.oneshot` with `SparseGPTModifier` or `WandaPruningModifier` on every `nn.Linear` of the
+decoder layers, and writes
+
+- `result.json`: the wall time of the `oneshot` call, the resident memory before it and the peak during it (the
+  model is copied into process memory and the peak counter reset first, exactly as for hfprune; see
+  `bench_oneshot.load_for_measurement`), the sparsity of the pruned layers, and the library versions;
+- `pruned.safetensors`: the pruned weights of those layers, which the benchmark loads into its own copy of the
+  model to measure perplexity with hfprune's evaluation.
+
+    .cache/llmc-venv/bin/python benchmarks/llmcompressor_driver.py --model DIR --calibration ids.pt \
+        --method sparsegpt --sparsity 0.5 --output-dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from bench_oneshot import load_for_measurement, memory_status  # standard library only at import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a saved causal LM folder")
+    parser.add_argument("--calibration", required=True, help="a torch file with a LongTensor (samples, seq_len)")
+    parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
+    parser.add_argument("--sparsity", required=True, help="a fraction such as 0.5, or N:M such as 2:4 (N kept)")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--dampening", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args()
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ids = torch.load(args.calibration)  # (samples, seq_len)
+    samples, seq_len = ids.shape
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    model, peak_reset = load_for_measurement(args.model)
+    layer_class = type(model.model.layers[0]).__name__  # e.g. LlamaDecoderLayer: its Linear modules are pruned
+    try:
+        processor = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        # The benchmark's random wide Llama has no tokenizer. The calibration data is token ids already, but
+        # `oneshot` wants a processor whenever a dataset is given; an empty word-level tokenizer satisfies it.
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        processor = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")))
+
+    if ":" in args.sparsity:
+        n, m = (int(v) for v in args.sparsity.split(":"))
+        # llm-compressor's "N:M" counts the *pruned* weights per group; for 2:4 and 4:8 (half kept) both readings agree.
+        if 2 * n != m:
+            raise ValueError(
+                f"only half-dense N:M patterns (2:4, 4:8) mean the same in both tools, got {args.sparsity}"
+            )
+        sparsity, mask_structure = 1.0 - n / m, args.sparsity
+    else:
+        sparsity, mask_structure = float(args.sparsity), "0:0"
+    common = {"sparsity": sparsity, "mask_structure": mask_structure, "targets": [layer_class]}
+    if args.method == "sparsegpt":
+        modifier = SparseGPTModifier(block_size=args.block_size, dampening_frac=args.dampening, **common)
+    else:
+        modifier = WandaPruningModifier(**common)
+
+    before = memory_status()
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=processor,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=samples,
+        max_seq_length=seq_len,
+        batch_size=args.batch_size,
+        shuffle_calibration_samples=False,
+        pipeline="sequential",
+    )
+    seconds = time.perf_counter() - start
+    after = memory_status()
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pruned = {
+        f"{name}.weight": module.weight.detach().contiguous().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+    }
+    save_file(pruned, str(output_dir / "pruned.safetensors"))
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    result = {
+        "tool": "llm-compressor",
+        "version": llmcompressor.__version__,
+        "torch": torch.__version__,
+        "seconds": seconds,
+        "rss_before": before["rss"],
+        "peak_rss": after["peak_rss"],
+        "peak_reset": peak_reset,
+        "modules": len(pruned),
+        "decoder_sparsity": zeros / sum(w.numel() for w in pruned.values()),
+    }
+    (output_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
