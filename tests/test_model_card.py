@@ -51,7 +51,7 @@ def test_card_metadata_parses_back_with_huggingface_hub():
     info = {"base_model": "meta-llama/Llama-3.2-1B", "license": "llama3.2", "datasets": ["allenai/c4"]}
     card = ModelCard(str(create_model_card(record_for(), info, path="me/llama-2of4")))
     assert card.data.base_model == "meta-llama/Llama-3.2-1B"
-    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.to_dict()["library_name"] == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.license == "llama3.2" and card.data.datasets == ["allenai/c4"]
     assert "2:4" in card.data.tags and "hfprune" in card.data.tags
     assert card.text.startswith("\n# llama-2of4\n")
