@@ -31,8 +31,8 @@ from safetensors import safe_open
 
 import hfprune
 from hfprune import PruningConfig
-from hfprune.compact import COMPACT_WEIGHTS_NAME
-from hfprune.serialization import KEEP_MASKS_NAME
+from hfprune.checkpoints import KEEP_MASKS_NAME
+from hfprune.checkpoints.compact import COMPACT_WEIGHTS_NAME
 
 
 def timed(fn, repeats: int):

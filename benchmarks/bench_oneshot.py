@@ -5,7 +5,7 @@ right after pruning) is not inflated by earlier runs:
 
 - `kdoc`: a small trained Llama (`--model`, default `../shared/models/llama-kdoc-5m`). Dense, magnitude, Wanda and
   SparseGPT at 50%, 70%, 2:4 and 4:8; calibration 128 windows x 256 tokens drawn from its `calib.txt`
-  (`hfprune.calibration.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
+  (`hfprune.oneshot.calibration.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
   on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
   are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
 - `wide`: a randomly initialized (seeded) Llama with hidden 2048, MLP 5632, 2 blocks, 32 heads and vocab 32000,
@@ -155,7 +155,7 @@ def run_worker(spec: dict) -> dict:
     from transformers import AutoTokenizer
 
     from hfprune import PruningConfig, perplexity, prune
-    from hfprune.masks import SparsityTarget
+    from hfprune.sparsity import SparsityTarget
 
     model, peak_reset = load_for_measurement(spec["model"])
     model.eval()
@@ -268,7 +268,7 @@ def run_kdoc(args, log) -> list[dict]:
     import torch
     from transformers import AutoTokenizer
 
-    from hfprune.calibration import calibration_windows
+    from hfprune.oneshot.calibration import calibration_windows
 
     model = str(Path(args.model).resolve())
     samples, seq_len = (16, 256) if args.quick else (128, 256)
@@ -534,7 +534,7 @@ def write_report(args, command: str, kdoc, wide, load_before, load_after, output
             f"## Perplexity: {Path(args.model).name}",
             "",
             (
-                f"Calibration: {calibration} from `calib.txt` (`hfprune.calibration.calibration_windows`, seed 0), "
+                f"Calibration: {calibration} from `calib.txt` (`hfprune.oneshot.calibration.calibration_windows`, seed 0), "
                 f"the same token ids for both tools. Perplexity: {evaluation}, non-overlapping windows of 256 tokens, "
                 "`hfprune.perplexity` for every row (llm-compressor's pruned weights are loaded into a fresh copy of "
                 "the model). SparseGPT: block size 128, dampening 0.01. Pruned: every `nn.Linear` of the decoder "

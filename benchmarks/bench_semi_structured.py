@@ -29,7 +29,7 @@ from torch.utils.benchmark import Timer
 
 import hfprune
 from hfprune import PruningConfig, to_semi_structured
-from hfprune.masks import nm_keep_mask
+from hfprune.sparsity import nm_keep_mask
 
 
 # (out, in) of the Linear layers of a Llama-2-7B block: q/k/v/o, gate/up, down.

@@ -74,8 +74,8 @@ def run(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
     from hfprune import PruningConfig, PruningTrainer, perplexity, prune
-    from hfprune.masks import nm_violations
-    from hfprune.targets import find_targets, weight_view
+    from hfprune.models import find_targets, weight_view
+    from hfprune.sparsity import nm_violations
 
     set_seed(0)
     tensors = torch.load(spec["data"])
@@ -133,7 +133,7 @@ def run(spec: dict) -> dict:
 def prepare_data(model_path: str, args: argparse.Namespace, file: Path) -> None:
     from transformers import AutoTokenizer
 
-    from hfprune.calibration import tokenize_text
+    from hfprune.oneshot.calibration import tokenize_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     needed = args.steps * args.batch_size * args.seq_len

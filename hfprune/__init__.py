@@ -1,24 +1,40 @@
-r"""hfprune: sparse language models for Hugging Face Transformers."""
+r"""hfprune: sparse language models for Hugging Face Transformers.
 
-__version__ = "0.1.0"
+The public API. Subpackages, lowest first (each imports only those before it):
 
+```
+sparsity      pure mask math              utils        files, Hub uploads, processes
+config        PruningConfig               models       prunable modules, decoder blocks
+checkpoints   record, save/load, verify   oneshot      block-by-block pruning, methods
+training      PruningTrainer              integrations peft, 2:4 semi-structured
+evaluation    perplexity                  cli          the `hfprune` command
+```
+"""
+
+from .checkpoints import (
+    HubUploadError,
+    ModuleReport,
+    PruningReport,
+    VerificationResult,
+    create_model_card,
+    load_keep_masks,
+    load_pretrained,
+    push_to_hub,
+    save_pruned,
+    verify,
+)
 from .config import PruningConfig
 from .evaluation import perplexity, sparsity_report
-from .hub import HubUploadError, push_to_hub
-from .masks import SparsityTarget, nm_keep_mask, unstructured_keep_mask
-from .methods import METHODS, register_method
-from .model_card import create_model_card
+from .integrations import merge_lora, to_semi_structured
 from .oneshot import prune
-from .peft_utils import merge_lora
-from .report import ModuleReport, PruningReport
-from .semi_structured import to_semi_structured
-from .serialization import load_keep_masks, load_pretrained, save_pruned
-from .verification import VerificationResult, verify
+from .oneshot.methods import METHODS, register_method
+from .sparsity import SparsityTarget, nm_keep_mask, unstructured_keep_mask
+from .version import __version__
 
 
 # Trainer integration imports `transformers.Trainer` (and through it accelerate and peft): load it on first use so
 # that one-shot pruning and the CLI start fast.
-_LAZY = {"GradientFlowCallback": ".callbacks", "PruningTrainer": ".trainer"}
+_LAZY = {"GradientFlowCallback": ".training.callbacks", "PruningTrainer": ".training.trainer"}
 
 
 def __getattr__(name):

@@ -133,7 +133,7 @@ def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
     import torch
     from transformers import AutoTokenizer
 
-    from .serialization import load_pretrained
+    from .checkpoints import load_pretrained
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -149,9 +149,9 @@ def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoints import save_pruned
     from .evaluation import perplexity
     from .oneshot import prune
-    from .serialization import save_pruned
 
     config = _config_from_args(args)  # validate everything before loading anything
     if config.method != "magnitude" and not args.calibration:
@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verification import verify
+    from .checkpoints import verify
 
     result = verify(args.model)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)

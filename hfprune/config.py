@@ -14,7 +14,9 @@ from typing import Any
 
 from transformers.utils import PushToHubMixin
 
-from .masks import SparsityTarget
+from .sparsity import SparsityTarget
+from .utils.files import write_json_atomic
+from .version import __version__
 
 
 CONFIG_NAME = "pruning_config.json"
@@ -30,7 +32,7 @@ class PruningConfig(PushToHubMixin):
     r"""What to prune, how, and (for [`PruningTrainer`]) how the sparsity evolves while training.
 
     Every field has help text (see `dataclasses.fields(PruningConfig)`); `hfprune prune --help` shows it. The string
-    `sparsity` is parsed once here into [`~hfprune.masks.SparsityTarget`] (`config.target`).
+    `sparsity` is parsed once here into [`~hfprune.sparsity.SparsityTarget`] (`config.target`).
 
     Example:
         ```python
@@ -176,8 +178,6 @@ class PruningConfig(PushToHubMixin):
     )
 
     def __post_init__(self):
-        from . import __version__
-
         if self.hfprune_version is None:
             self.hfprune_version = __version__
         if not isinstance(self.sparsity, str):
@@ -280,10 +280,16 @@ class PruningConfig(PushToHubMixin):
         os.makedirs(save_directory, exist_ok=True)
         write_json_atomic(os.path.join(save_directory, CONFIG_NAME), self.to_dict())
         if push_to_hub:
+            from .utils.hub import upload_files
+
             repo_id = kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
-            repo_id = self._create_repo(repo_id, **kwargs)
-            files_timestamps = self._get_files_timestamps(save_directory)
-            self._upload_modified_files(save_directory, repo_id, files_timestamps, token=kwargs.get("token"))
+            upload_files(
+                {CONFIG_NAME: os.path.join(save_directory, CONFIG_NAME)},
+                repo_id,
+                token=kwargs.pop("token", None),
+                private=kwargs.pop("private", None),
+                commit_message=kwargs.pop("commit_message", f"Upload {CONFIG_NAME} with hfprune"),
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> PruningConfig:
@@ -306,18 +312,6 @@ class PruningConfig(PushToHubMixin):
 def name_matches(name: str, pattern: str) -> bool:
     r"""`pattern` matches a module `name` if it equals it, is a dotted suffix of it, or fully matches it as a regex."""
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    r"""Writes JSON to `path` through a temporary file and a rename, so a reader never sees half a file.
-
-    Keys keep their order (no `sort_keys`): the order of `sparsity_overrides` decides which entry matches first.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _compile(field_name: str, pattern: str) -> None:

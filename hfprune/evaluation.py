@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import load_text, tokenize_text
-from .masks import sparsity_of
-from .targets import is_prunable, weight_view
+from .models import is_prunable, weight_view
+from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
+from .sparsity import sparsity_of
 
 
 @torch.no_grad()
@@ -43,8 +43,6 @@ def perplexity(
         max_windows (`int`, *optional*): evaluate only the first windows (quick checks).
         device (*optional*): where to run; default the model's device.
     """
-    from .oneshot import resolve_seq_len
-
     seq_len = resolve_seq_len(model, seq_len)
     ids = data if isinstance(data, torch.Tensor) else tokenize_text(load_text(data, split="test"), tokenizer)
     ids = ids.reshape(-1)

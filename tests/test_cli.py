@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hfprune.cli import main
-from hfprune.masks import nm_violations
+from hfprune.sparsity import nm_violations
 
 
 @pytest.fixture

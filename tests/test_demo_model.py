@@ -1,4 +1,5 @@
-r"""The demo-model builder (examples/build_demo_model.py): text extraction, split, tokenizer, and a tiny build."""
+r"""The shipped demo model and the recipes that use it, and its builder (examples/build_demo_model.py): text
+extraction, split, excerpts, tokenizer, and a tiny build."""
 
 import importlib.util
 import json
@@ -7,18 +8,152 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hfprune import perplexity
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SHIPPED = EXAMPLES / "demo-model"
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+# The one recipe that names a Hub model and a Hub dataset instead of files of the repository.
+HUB_RECIPES = {
+    "recipes/qwen2.5-0.5b/sparsegpt_finetune_2of4.yaml": {
+        "model_name_or_path": "Qwen/Qwen2.5-0.5B",
+        "train_file": "Salesforce/wikitext:wikitext-2-raw-v1",
+        "eval_file": "Salesforce/wikitext:wikitext-2-raw-v1",
+    }
+}
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def builder():
-    spec = importlib.util.spec_from_file_location("build_demo_model", EXAMPLES / "build_demo_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_example("build_demo_model")
+
+
+@pytest.fixture(scope="module")
+def training_example():
+    return _load_example("sparse_training")
+
+
+# --- the shipped model ----------------------------------------------------------------------------------------------
+def test_shipped_model_loads_with_plain_from_pretrained_in_float32(builder):
+    info = json.loads((SHIPPED / "build_info.json").read_text())
+    assert builder.is_complete(SHIPPED) and info["build_version"] == builder.BUILD_VERSION
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED)  # no dtype: the stored one
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    assert type(model) is LlamaForCausalLM and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+    assert model.config.vocab_size == len(tokenizer) == builder.VOCAB_SIZE
+    for key, value in builder.MODEL_CONFIG.items():
+        assert getattr(model.config, key) == value, key
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, stored once
+    ids = tokenizer("Return the absolute value of the argument.")["input_ids"]
+    assert tokenizer.decode(ids) == "Return the absolute value of the argument."
+
+
+def test_shipped_text_is_small_and_is_what_the_build_recorded(builder):
+    info = json.loads((SHIPPED / "build_info.json").read_text())
+    for name, max_bytes in builder.TEXT_BYTES.items():
+        data = (SHIPPED / f"{name}.txt").read_bytes()
+        assert len(data) == info["text_bytes"][name] <= max_bytes, name
+        assert b"\r" not in data, name  # a checkout that rewrote line endings would change every number
+    assert (SHIPPED / "model.safetensors").stat().st_size < 5_000_000
+
+
+def test_shipped_model_scores_the_recorded_perplexity_on_the_shipped_eval_text():
+    info = json.loads((SHIPPED / "build_info.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED)
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    ppl = perplexity(model, tokenizer, str(SHIPPED / "eval.txt"), seq_len=256, progress=False)
+    assert ppl == pytest.approx(info["eval_perplexity"], abs=2e-3)  # recorded to 3 decimals at build time
+    assert ppl < 0.1 * model.config.vocab_size  # far better than uniform over the vocabulary
+
+
+# --- recipes --------------------------------------------------------------------------------------------------------
+def test_every_recipe_names_files_of_the_repository_or_the_documented_hub_ids():
+    assert len(RECIPES) >= 20
+    assert {p.relative_to(REPO).as_posix() for p in RECIPES} >= set(HUB_RECIPES)
+    for path in RECIPES:
+        recipe = yaml.safe_load(path.read_text())
+        name = path.relative_to(REPO).as_posix()
+        assert recipe["output_dir"].startswith("outputs/"), name  # ignored by git
+        if name in HUB_RECIPES:
+            assert {key: recipe[key] for key in HUB_RECIPES[name]} == HUB_RECIPES[name]
+            continue
+        assert (REPO / recipe["model_name_or_path"] / "config.json").is_file(), name
+        for key in ("train_file", "eval_file"):
+            if recipe.get(key) is not None:
+                assert (REPO / recipe[key]).is_file(), (name, key)
+
+
+def test_every_demo_model_recipe_fits_the_shipped_model(training_example):
+    from hfprune.training.gradient_flow import GradientFlow
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED)
+    demo_recipes = [p for p in RECIPES if p.parent.name == "demo-model"]
+    assert len(demo_recipes) == 19
+    for path in demo_recipes:
+        model_args, pruning_config, args = training_example.parse_recipe([str(path)])
+        assert (REPO / model_args.model_name_or_path).resolve() == SHIPPED.resolve(), path
+        assert pruning_config.target.is_nm and args.max_steps > 0, path
+        assert path.name.startswith(pruning_config.method or pruning_config.gradient_flow), path
+        assert f"{pruning_config.target.n}of{pruning_config.target.m}" in path.name, path
+        GradientFlow(model, pruning_config)  # every SDGF stage divides the input sizes 128 and 384
+
+
+def test_command_line_options_override_the_recipe(training_example, tmp_path):
+    recipe = REPO / "recipes" / "demo-model" / "ste_2of4.yaml"
+    model_args, pruning_config, args = training_example.parse_recipe([str(recipe)])
+    assert (model_args.model_name_or_path, pruning_config.sparsity, args.max_steps) == (
+        "examples/demo-model",
+        "2:4",
+        150,
+    )
+    options = ["--model_name_or_path", "other", "--sparsity", "1:8", "--max_steps", "7", "--learning_rate", "3e-4"]
+    model_args, pruning_config, args = training_example.parse_recipe([str(recipe), *options])
+    assert (model_args.model_name_or_path, model_args.train_file) == ("other", "examples/demo-model/train.txt")
+    assert (pruning_config.target.n, pruning_config.target.m, pruning_config.gradient_flow) == (1, 8, "ste")
+    assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (7, 3e-4, 8)
+
+    (tmp_path / "typo.yaml").write_text("model_name_or_path: x\ntrain_file: y\noutput_dir: z\nmax_step: 3\n")
+    with pytest.raises(ValueError, match=r"\['max_step'\]"):
+        training_example.parse_recipe([str(tmp_path / "typo.yaml")])
+    with pytest.raises(SystemExit):
+        training_example.parse_recipe(["--max_steps", "3"])
+
+
+# --- the builder ----------------------------------------------------------------------------------------------------
+def test_excerpt_keeps_whole_documents_within_the_budget_in_path_order(builder):
+    documents = [(f"m{i}.py", f"doc {i} " + "x" * (10 * i)) for i in range(1, 9)]  # 16, 26, ..., 86 bytes
+    everything = "\n\n".join(text for _, text in documents)
+    assert builder.excerpt(documents, len(everything.encode())) == everything  # all fit: the whole split
+    assert builder.excerpt(list(reversed(documents)), 10_000) == everything  # path order, whatever the input order
+    assert builder.excerpt(documents, 15) == ""  # not even the smallest document fits
+
+    for budget in (30, 60, 100, 200):
+        text = builder.excerpt(documents, budget)
+        assert len(text.encode()) <= budget
+        kept = text.split("\n\n")
+        assert all(doc in dict(documents).values() for doc in kept)  # whole documents only
+        assert kept == sorted(kept, key=lambda doc: int(doc.split()[1]))  # in path order
+        # Greedy: no document left out would still have fit.
+        left = [t for _, t in documents if t not in kept]
+        assert all(len(text.encode()) + 2 + len(t.encode()) > budget for t in left)
+
+    # A document too large for what is left is skipped, and a later smaller one still fills the budget.
+    big_first = [("a.py", "A" * 90), ("b.py", "B" * 8)]
+    assert builder.excerpt(big_first, 50) == "B" * 8
+    assert builder.excerpt([("é.py", "é" * 10)], 19) == ""  # the budget counts UTF-8 bytes (20), not characters
 
 
 SOURCE = b'''"""Module summary.
@@ -162,6 +297,10 @@ def test_tiny_build_is_complete_loadable_reused_and_deterministic(builder, tmp_p
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.vocab_size == len(tokenizer) == 300
     assert model.config.max_position_embeddings == 256
+    assert info["text_bytes"] == {
+        name: len((folder / f"{name}.txt").read_bytes()) for name in ("calib", "eval", "train")
+    }
+    assert 0 < info["text_bytes"]["train"] <= builder.TEXT_BYTES["train"]
     eval_paragraphs = set((folder / "eval.txt").read_text().split("\n\n")) - {"A comment."}
     calib_paragraphs = set((folder / "calib.txt").read_text().split("\n\n")) - {"A comment."}
     assert eval_paragraphs and calib_paragraphs and not eval_paragraphs & calib_paragraphs

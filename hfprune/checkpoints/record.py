@@ -1,0 +1,223 @@
+r"""The per-module record: what was pruned, to which pattern, how sparse it measures, and checks against it.
+
+One source for every writer. One-shot pruning ([`~hfprune.oneshot.prune`]), [`~hfprune.PruningTrainer`] and
+[`~hfprune.save_pruned`] all measure modules with [`ModuleReport.measure`] and write `pruning_config.json` with
+[`write_record`], which adds the sha256 and size of every weights file:
+
+```
+pruning_config.json = PruningConfig fields + {"format": "dense" | "compact",
+                                              "modules": {name: ModuleReport.to_record()},
+                                              "files": {relative path: {"sha256", "size"}}, ...}
+```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CONFIG_NAME, PruningConfig
+from ..models import find_targets, weight_view
+from ..sparsity import SparsityTarget, check_weight
+from ..utils.files import file_info, read_json, weight_files, write_json_atomic
+from .compact import KEEP_MASKS_NAME
+
+
+@dataclass
+class ModuleReport:
+    pattern: str
+    """`"2:4"` for N:M, or the target fraction of zeros such as `"0.5"`."""
+    sparsity: float
+    """Measured fraction of zeros."""
+    num_zeros: int
+    numel: int
+    error: float | None = None
+    """The method's reconstruction error (SparseGPT's OBS estimate), where it has one."""
+    seconds: float = 0.0
+    transposed: bool = False
+    """The parameter is stored `(in, out)` (GPT-2's `Conv1D`)."""
+
+    @classmethod
+    def measure(cls, weight: torch.Tensor, pattern: str | SparsityTarget, **fields) -> ModuleReport:
+        r"""Counts the zeros of `weight` (any layout) and records them under `pattern`."""
+        numel = weight.numel()
+        num_zeros = numel - int(torch.count_nonzero(weight))
+        return cls(
+            pattern=str(pattern), sparsity=num_zeros / max(numel, 1), num_zeros=num_zeros, numel=numel, **fields
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        r"""The entry of `pruning_config.json["modules"]`: without timings, with the error only where known."""
+        entry = {k: v for k, v in asdict(self).items() if k != "seconds"}
+        if entry["error"] is None:
+            del entry["error"]
+        return entry
+
+
+@dataclass
+class PruningReport:
+    method: str
+    pattern: str
+    modules: dict[str, ModuleReport] = field(default_factory=dict)
+    seconds: float = 0.0
+    keep_masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """`bool` `(out, in)` keep mask of every pruned module, on CPU, when asked for with `return_masks=True`."""
+
+    @property
+    def sparsity(self) -> float:
+        r"""Fraction of zeros over all pruned modules together."""
+        numel = sum(m.numel for m in self.modules.values())
+        return sum(m.num_zeros for m in self.modules.values()) / max(numel, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "pattern": self.pattern,
+            "sparsity": self.sparsity,
+            "seconds": self.seconds,
+            "modules": {name: asdict(m) for name, m in self.modules.items()},
+        }
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.modules] + [6])
+        lines = [f"{'module':<{width}}  pattern  sparsity        error  seconds"]
+        for name, m in self.modules.items():
+            error = f"{m.error:12.4g}" if m.error is not None else f"{'-':>12}"
+            lines.append(f"{name:<{width}}  {m.pattern:>7}  {m.sparsity:8.4f} {error}  {m.seconds:7.2f}")
+        lines.append(
+            f"{len(self.modules)} modules pruned with {self.method} ({self.pattern}): sparsity {self.sparsity:.4f} "
+            f"in {self.seconds:.1f} s"
+        )
+        return "\n".join(lines)
+
+
+def measure_module(module: nn.Module, pattern: str | SparsityTarget, **fields) -> ModuleReport:
+    r"""[`ModuleReport.measure`] on a prunable module's weight, noting whether it is stored transposed."""
+    weight = weight_view(module)  # (out, in)
+    return ModuleReport.measure(weight, pattern, transposed=weight is not module.weight, **fields)
+
+
+def module_records(
+    model: nn.Module, config: PruningConfig, report: PruningReport | None = None
+) -> dict[str, ModuleReport]:
+    r"""Every pruned module of `model` measured as it is now: the modules of `report`, else the targets of `config`.
+
+    Errors and timings of `report` are carried over; sparsity is measured from the weights.
+    """
+    named = dict(model.named_modules())
+    if report is not None:
+        known = report.modules
+    else:
+        known = dict.fromkeys(find_targets(model, config))
+    records = {}
+    for name, entry in known.items():
+        if name not in named:
+            raise ValueError(f"module {name!r} of the pruning report is not in {type(model).__name__}.")
+        pattern = entry.pattern if entry is not None else str(config.target_for(name))
+        extra = {"error": entry.error, "seconds": entry.seconds} if entry is not None else {}
+        records[name] = measure_module(named[name], pattern, **extra)
+    return records
+
+
+def pattern_problems(model: nn.Module, modules: dict[str, ModuleReport]) -> dict[str, str]:
+    r"""`{module name: problem}` for every N:M module whose weights break its pattern."""
+    named = dict(model.named_modules())
+    problems = {}
+    for name, entry in modules.items():
+        if SparsityTarget.parse(entry.pattern, field="pattern").is_nm:
+            problem = check_weight(weight_view(named[name]), entry.pattern)
+            if problem:
+                problems[name] = problem
+    return problems
+
+
+def write_record(folder: str, config: PruningConfig, modules: dict[str, ModuleReport], **extra) -> dict:
+    r"""Writes `folder/pruning_config.json`: the config, `extra` fields (`format`, `model_card`, ...), the modules,
+    and the checksum of every weights file already in `folder` (its top level and `masks/`). Returns the record."""
+    record = {**config.to_dict(), **extra, "modules": {name: m.to_record() for name, m in modules.items()}}
+    masks_folder = os.path.dirname(KEEP_MASKS_NAME)
+    record["files"] = {name: file_info(os.path.join(folder, name)) for name in weight_files(folder, (masks_folder,))}
+    write_json_atomic(os.path.join(folder, CONFIG_NAME), record)
+    return record
+
+
+def read_record(path: str) -> dict | None:
+    r"""The `pruning_config.json` of a checkpoint folder as a dict, or `None` when there is none."""
+    return read_json(os.path.join(path, CONFIG_NAME))
+
+
+# --- checking weights against a record --------------------------------------------------------------------------
+
+
+@dataclass
+class VerificationResult:
+    r"""What [`~hfprune.verify`] found.
+
+    Args:
+        checked (`int`): modules whose weights were checked against their recorded pattern.
+        modules (`dict[str, str]`): module name to the problem, for every module that breaks its pattern.
+        files (`dict[str, str]`): file name to the problem, for every file whose checksum or size does not match.
+    """
+
+    checked: int = 0
+    modules: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.modules and not self.files
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked": self.checked, "modules": dict(self.modules), "files": dict(self.files)}
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"OK: {self.checked} modules keep their recorded sparsity pattern."
+        lines = [f"{name}: {problem}" for name, problem in {**self.files, **self.modules}.items()]
+        head = f"FAILED: {len(self.modules)} of {self.checked} modules break their pattern"
+        return "\n".join([head + (f", {len(self.files)} files are damaged:" if self.files else ":"), *lines])
+
+
+def verify_model(model: nn.Module, record: Any = None) -> VerificationResult:
+    r"""Checks a model's weights against `record`: a [`PruningReport`], a [`PruningConfig`], or a
+    `pruning_config.json` dict (default: `model.pruning_record`, attached by [`~hfprune.load_pretrained`])."""
+    record = getattr(model, "pruning_record", None) if record is None else record
+    if record is None:
+        raise ValueError(
+            "pass `record=` (a PruningReport, PruningConfig or pruning_config.json dict) to verify a model."
+        )
+    if isinstance(record, PruningConfig):
+        modules = {name: {"pattern": m.pattern} for name, m in module_records(model, record).items()}
+    elif isinstance(record, PruningReport):
+        modules = {name: {"pattern": m.pattern, "num_zeros": m.num_zeros} for name, m in record.modules.items()}
+    else:
+        modules = record.get("modules")
+        if modules is None:
+            return verify_model(model, PruningConfig.from_dict(record))
+    named = dict(model.named_modules())
+    weights = {name: weight_view(named[name]) for name in modules if name in named}
+    return check_modules(modules, weights)
+
+
+def check_modules(modules: dict[str, dict], weights: dict[str, torch.Tensor]) -> VerificationResult:
+    r"""Checks `(out, in)` weights by module name against the record's module entries."""
+    result = VerificationResult(checked=len(modules))
+    for name, entry in modules.items():
+        weight = weights.get(name)
+        if weight is None:
+            result.modules[name] = "not found"
+        elif "numel" in entry and weight.numel() != entry["numel"]:
+            result.modules[name] = f"has {weight.numel()} weights, the record says {entry['numel']}"
+        else:
+            problem = check_weight(weight, entry["pattern"], entry.get("num_zeros"))
+            if problem:
+                result.modules[name] = problem
+    return result
+
+
+def format_problems(problems: dict[str, str]) -> str:
+    return "\n".join(f"  {name}: {problem}" for name, problem in problems.items())
