@@ -1,5 +1,5 @@
-r"""Block inputs for calibration: run the model up to its first decoder block, keep what each block is called with,
-and replay it block by block. The one place that moves a model's non-block parts between devices.
+r"""Block inputs for calibration: record what each decoder block is called with in a real forward pass, and replay
+it block by block. The one place that moves a model's non-block parts between devices.
 """
 
 from __future__ import annotations
@@ -18,33 +18,60 @@ class BlockInputs:
     Args:
         hidden (`list[torch.Tensor]`): the hidden states entering the current block, `(batch, seq, hidden)` per
             batch. [`run_block`] with `write_back=True` replaces them by the block's outputs.
-        call_arguments (`dict[int, tuple[tuple, dict]]`): the other positional and keyword arguments (attention
-            mask, position ids, rotary embeddings, ...) by batch size.
+        call_arguments (`list[list[tuple[tuple, dict]]]`): `[block][batch] -> (args, kwargs)`, everything a block
+            is called with besides its hidden states (attention mask, position embeddings, position ids, ...), as
+            the model's own forward pass called it. Equal tensors are stored once.
     """
 
     hidden: list[torch.Tensor]
-    call_arguments: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+    call_arguments: list[list[tuple[tuple, dict]]] = field(default_factory=list)
 
     def arguments(self, block_index: int, batch_index: int) -> tuple[tuple, dict]:
         r"""`(args, kwargs)` after the hidden states for block `block_index` on batch `batch_index`."""
-        return self.call_arguments[self.hidden[batch_index].shape[0]]
+        return self.call_arguments[block_index][batch_index]
 
 
 class _Captured(Exception):
-    def __init__(self, args, kwargs):
-        super().__init__("captured the inputs of the first decoder block")
-        self.args, self.kwargs = args, kwargs
+    def __init__(self):
+        super().__init__("captured the inputs of every decoder block")
 
 
-class _Catcher(nn.Module):
-    r"""Stands in for block 0: records its inputs and stops the forward pass."""
+class _TensorPool:
+    r"""Stores each distinct tensor once: a tensor equal to one already kept (same shape, dtype, device and values) is
+    replaced by it. Masks and rotary embeddings repeat across blocks of one layer type and across batches."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self):
+        self._kept: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, value):
+        if isinstance(value, torch.Tensor):
+            key = (tuple(value.shape), value.dtype, value.device)
+            for kept in self._kept.setdefault(key, []):
+                if kept is value or torch.equal(kept, value):
+                    return kept
+            self._kept[key].append(value)
+            return value
+        if isinstance(value, tuple):
+            return tuple(self(v) for v in value)
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        return value
+
+
+class _Recorder(nn.Module):
+    r"""Stands in for a decoder block during capture: records the arguments it is called with and returns its input
+    unchanged (shaped like the real block's output), so the model's forward pass reaches every block cheaply. The
+    last block stops the pass before the final norm and the vocabulary projection."""
+
+    def __init__(self, block: nn.Module, index: int, capture: _Capture):
         super().__init__()
-        self.block = block
+        self.block, self.index = block, index
+        self.__dict__["capture"] = capture  # not a submodule
 
     def forward(self, *args, **kwargs):
-        raise _Captured(args, kwargs)
+        return self.capture.record(self.index, args, kwargs)
 
     def __getattr__(self, name):  # the model may read attributes of its layers (e.g. `attention_type`)
         try:
@@ -53,37 +80,84 @@ class _Catcher(nn.Module):
             return getattr(self._modules["block"], name)
 
 
+class _Capture:
+    def __init__(self, num_blocks: int, stop_at: int):
+        self.num_blocks, self.stop_at = num_blocks, stop_at
+        self.pool = _TensorPool()
+        self.hidden: list[torch.Tensor] = []
+        self.call_arguments: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_blocks)]
+        self.output_kind: tuple[bool, int] = (False, 1)  # (returns a tuple, its length)
+
+    def record(self, index: int, args: tuple, kwargs: dict):
+        kwargs = dict(kwargs)
+        x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        if index == 0:
+            self.hidden.append(x)
+        self.call_arguments[index].append((self.pool(rest), self.pool(kwargs)))
+        if index == self.stop_at:
+            raise _Captured()
+        is_tuple, length = self.output_kind
+        return (x,) + (None,) * (length - 1) if is_tuple else x
+
+
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
 ) -> BlockInputs:
-    r"""Runs the model up to block 0 on `tokens` `(samples, seq_len)` in batches and returns its inputs.
+    r"""Runs the model on `tokens` `(samples, seq_len)` in batches and records what every decoder block is called
+    with: block 0's hidden states, and each block's own other arguments.
 
-    The extra arguments (attention mask, position ids, rotary embeddings, ...) depend only on the batch shape, so
-    they are stored once per batch size rather than once per batch.
+    Models give layers their own arguments (a sliding-window or full attention mask per `layer_types` entry, rotary
+    embeddings per layer type in Gemma 3), so no block's arguments are replayed on another. Every block is replaced by
+    a recorder for the pass; the real block 0 runs once on the first batch to learn the shape of a block's output.
     """
-    hidden: list[torch.Tensor] = []
-    extra: dict[int, tuple[tuple, dict]] = {}
-    blocks[0] = _Catcher(blocks[0])
     restore = place_outside_blocks(model, blocks, device)
+    originals = list(blocks)
+    capture = _Capture(len(blocks), stop_at=0)
     try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Recorder(block, i, capture)
+        first = tokens[:batch_size].to(device)
+        _forward(model, first, capture)
+        # learn whether a block returns a tensor or a tuple, so that the recorders hand back the same shape
+        home = device_of(originals[0])
+        if home != device:
+            originals[0].to(device)
+        try:
+            rest, kwargs = capture.call_arguments[0][0]
+            out = originals[0](capture.hidden[0], *rest, **kwargs)
+        finally:
+            if home != device:
+                originals[0].to(home)
+        capture = _Capture(len(blocks), stop_at=len(blocks) - 1)
+        capture.output_kind = (isinstance(out, (tuple, list)), len(out) if isinstance(out, (tuple, list)) else 1)
+        del out
+        for i in range(len(blocks)):
+            blocks[i].__dict__["capture"] = capture
         for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size].to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Captured as captured:
-                args, kwargs = captured.args, dict(captured.kwargs)
-                if args:
-                    x, rest = args[0], args[1:]
-                else:
-                    x, rest = kwargs.pop("hidden_states"), ()
-                hidden.append(x)
-                extra.setdefault(batch.shape[0], (rest, kwargs))
-            else:
-                raise RuntimeError("the model's forward pass never reached its first decoder block.")
+            _forward(model, tokens[start : start + batch_size].to(device), capture)
     finally:
-        blocks[0] = blocks[0].block
+        for i, block in enumerate(originals):
+            blocks[i] = block
         restore()
-    return BlockInputs(hidden, extra)
+    return BlockInputs(capture.hidden, capture.call_arguments)
+
+
+def _forward(model: nn.Module, batch: torch.Tensor, capture: _Capture) -> None:
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Captured:
+        pass
+    else:
+        raise RuntimeError(
+            f"the model's forward pass did not reach decoder block {capture.stop_at}; hfprune cannot calibrate it."
+        )
+    missing = [
+        i for i, calls in enumerate(capture.call_arguments[: capture.stop_at + 1]) if len(calls) < len(capture.hidden)
+    ]
+    if missing:
+        raise RuntimeError(
+            f"the model's forward pass skipped decoder blocks {missing}; hfprune cannot calibrate them."
+        )
 
 
 def run_block(
