@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers.utils import PushToHubMixin
 
 from .sparsity import SparsityTarget
+from .utils.checks import check_choice, check_positive, check_regex, name_matches
 from .utils.files import write_json_atomic
 from .version import __version__
 
@@ -25,6 +25,9 @@ ONESHOT_METHODS = ("magnitude", "sparsegpt", "wanda")
 GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
 SPARSITY_SCHEDULES = ("constant", "cubic")
 MDGF_BACKWARDS = ("ste", "scaled")
+# lm_head, MoE routers (`mlp.gate` in Mixtral, Qwen-MoE, OLMoE, DeepSeek; `router` and `router.layer`) and
+# shared-expert gates (Qwen2-MoE): small matrices that decide where tokens go.
+DEFAULT_IGNORE = ("lm_head", "gate", "shared_expert_gate", r".*\.router(\..+)?")
 
 
 @dataclass
@@ -66,8 +69,11 @@ class PruningConfig(PushToHubMixin):
         },
     )
     ignore: list[str] = field(
-        default_factory=lambda: ["lm_head"],
-        metadata={"help": "Modules never pruned, by name suffix or regex. Embeddings are never pruned."},
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        metadata={
+            "help": "Modules never pruned, by name suffix or regex. Embeddings are never pruned; by default neither "
+            "are lm_head, MoE routers ('gate', 'router') and shared-expert gates."
+        },
     )
     sparsity_overrides: dict[str, str] | None = field(
         default=None,
@@ -96,6 +102,13 @@ class PruningConfig(PushToHubMixin):
         default=8, metadata={"help": "Calibration sequences run through a block at once."}
     )
     calibration_seed: int = field(default=0, metadata={"help": "Seed for drawing the calibration windows."})
+    min_calibration_tokens: int = field(
+        default=16,
+        metadata={
+            "help": "A weight whose input saw fewer calibration tokens (an MoE expert few tokens were routed to) is "
+            "pruned by magnitude instead, with a warning that names it."
+        },
+    )
     pruning_device: str | None = field(
         default=None,
         metadata={
@@ -187,27 +200,28 @@ class PruningConfig(PushToHubMixin):
             self.method = self.method.lower()
             if self.method not in ONESHOT_METHODS:
                 raise ValueError(f"`method`={self.method!r} is unknown; choose one of {', '.join(ONESHOT_METHODS)}.")
-        _check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
-        _check_choice("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES)
-        _check_choice("mdgf_backward", self.mdgf_backward, MDGF_BACKWARDS)
+        check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
+        check_choice("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES)
+        check_choice("mdgf_backward", self.mdgf_backward, MDGF_BACKWARDS)
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name) or []:
-                _compile(name, pattern)
+                check_regex(name, pattern)
         self.overrides: list[tuple[str, SparsityTarget]] = []
         for pattern, value in (self.sparsity_overrides or {}).items():
-            _compile("sparsity_overrides", pattern)
+            check_regex("sparsity_overrides", pattern)
             self.overrides.append((pattern, SparsityTarget.parse(value, field=f"sparsity_overrides[{pattern!r}]")))
         self.sparsity_overrides = {p: str(t.to_json()) for p, t in self.overrides} or None
 
-        _check_positive("block_size", self.block_size)
-        _check_positive("num_calibration_samples", self.num_calibration_samples)
-        _check_positive("calibration_batch_size", self.calibration_batch_size)
+        check_positive("block_size", self.block_size)
+        check_positive("num_calibration_samples", self.num_calibration_samples)
+        check_positive("calibration_batch_size", self.calibration_batch_size)
+        check_positive("min_calibration_tokens", self.min_calibration_tokens)
         if self.calibration_seq_len is not None:
-            _check_positive("calibration_seq_len", self.calibration_seq_len)
+            check_positive("calibration_seq_len", self.calibration_seq_len)
         uses_blocks = self.method not in ("magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)
         for target in [self.target] + [t for _, t in self.overrides]:
             if uses_blocks and target.is_nm and self.block_size % target.m:
@@ -239,7 +253,7 @@ class PruningConfig(PushToHubMixin):
                 "`schedule_start_fraction` must be < `schedule_end_fraction`, both in [0, 1]; got "
                 f"{self.schedule_start_fraction} and {self.schedule_end_fraction}."
             )
-        _check_positive("schedule_frequency", self.schedule_frequency)
+        check_positive("schedule_frequency", self.schedule_frequency)
         if self.sparsity_schedule == "cubic" and self.target.is_nm:
             raise ValueError(
                 f"`sparsity_schedule`='cubic' is gradual unstructured pruning; `sparsity`={self.sparsity!r} is N:M. "
@@ -307,25 +321,3 @@ class PruningConfig(PushToHubMixin):
             file = hf_hub_download(path, CONFIG_NAME, **kwargs)
         with open(file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    r"""`pattern` matches a module `name` if it equals it, is a dotted suffix of it, or fully matches it as a regex."""
-    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
-
-
-def _compile(field_name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"`{field_name}` entry {pattern!r} is not a valid regex: {e}.") from None
-
-
-def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{field_name}`={value!r} is unknown; choose one of {', '.join(choices)}.")
-
-
-def _check_positive(field_name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import is_prunable, weight_view
+from .models import named_weights, weight_view
 from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
 from .sparsity import sparsity_of
 
@@ -71,5 +71,5 @@ def perplexity(
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:
-    r"""Fraction of zeros of every `nn.Linear` and `Conv1D` weight, by module name."""
-    return {name: sparsity_of(weight_view(m)) for name, m in model.named_modules() if is_prunable(m)}
+    r"""Fraction of zeros of every `nn.Linear` and `Conv1D` weight and fused expert parameter, by name."""
+    return {name: sparsity_of(weight_view(target)) for name, target in named_weights(model).items()}

@@ -13,7 +13,7 @@ def test_defaults_and_parsed_target():
     config = PruningConfig()
     assert config.method is None
     assert config.target == SparsityTarget(0.5)
-    assert config.ignore == ["lm_head"]
+    assert config.ignore == ["lm_head", "gate", "shared_expert_gate", r".*\.router(\..+)?"]
     assert config.hfprune_version == hfprune.__version__
     config = PruningConfig(method="SparseGPT", sparsity="2:4")
     assert config.method == "sparsegpt"

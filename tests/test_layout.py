@@ -19,7 +19,7 @@ ALLOWED = {
     "utils": set(),
     "sparsity": set(),
     "config": {"sparsity", "utils", "version"},
-    "models": {"config", "sparsity"},
+    "models": {"config", "sparsity", "utils"},
     "checkpoints": {"config", "models", "sparsity", "utils"},
     "oneshot": {"checkpoints", "config", "models", "sparsity", "utils"},
     "structured": {"checkpoints", "config", "models", "oneshot", "sparsity", "utils"},

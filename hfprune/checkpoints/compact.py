@@ -8,6 +8,7 @@ metadata holds the layout (`"hfprune_compact"`: JSON with each tensor's encoding
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -126,7 +127,7 @@ def save_keep_masks(file: str, keep_masks: dict[str, torch.Tensor]) -> None:
 
 
 def load_keep_masks_file(file: str) -> dict[str, torch.Tensor]:
-    r"""Inverse of [`save_keep_masks`]: `bool` keep masks by module name."""
+    r"""Inverse of [`save_keep_masks`]: `bool` keep masks by module name, `(out, in)` (`(E, out, in)` for experts)."""
     try:
         with safe_open(file, framework="pt") as f:
             shapes = json.loads((f.metadata() or {})[KEEP_MASKS_METADATA_KEY])
@@ -134,6 +135,5 @@ def load_keep_masks_file(file: str) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CompactFormatError(f"{file} is not a readable keep-mask file: {type(e).__name__}: {e}") from e
     return {
-        name: unpack_checked(packed[name], 1, rows * cols).bool().view(rows, cols)
-        for name, (rows, cols) in shapes.items()
+        name: unpack_checked(packed[name], 1, math.prod(shape)).bool().view(*shape) for name, shape in shapes.items()
     }

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, PruningConfig
-from ..models import find_targets, weight_view
+from ..models import ExpertProjection, Target, find_targets, is_transposed, named_weights, weight_view
 from ..sparsity import SparsityTarget, check_weight
 from ..utils.files import file_info, read_json, weight_files, write_json_atomic
 from .compact import KEEP_MASKS_NAME
@@ -39,7 +39,9 @@ class ModuleReport:
     """The method's reconstruction error (SparseGPT's OBS estimate), where it has one."""
     seconds: float = 0.0
     transposed: bool = False
-    """The parameter is stored `(in, out)` (GPT-2's `Conv1D`)."""
+    """The parameter is stored `(in, out)` (GPT-2's `Conv1D`; fused experts stored `(E, in, out)`)."""
+    experts: int | None = None
+    """For a fused expert parameter (named `{experts module}.{parameter}`, a tensor of its own): how many experts."""
 
     @classmethod
     def measure(cls, weight: torch.Tensor, pattern: str | SparsityTarget, **fields) -> ModuleReport:
@@ -53,8 +55,9 @@ class ModuleReport:
     def to_record(self) -> dict[str, Any]:
         r"""The entry of `pruning_config.json["modules"]`: without timings, with the error only where known."""
         entry = {k: v for k, v in asdict(self).items() if k != "seconds"}
-        if entry["error"] is None:
-            del entry["error"]
+        for key in ("error", "experts"):
+            if entry[key] is None:
+                del entry[key]
         return entry
 
 
@@ -65,7 +68,13 @@ class PruningReport:
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     seconds: float = 0.0
     keep_masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    """`bool` `(out, in)` keep mask of every pruned module, on CPU, when asked for with `return_masks=True`."""
+    """`bool` `(out, in)` keep mask of every pruned module (`(E, out, in)` for fused experts), on CPU, when asked for
+    with `return_masks=True`."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Prunable weights of the decoder blocks left dense, with the reason (`ignore`, `targets`, `skip_incompatible`)."""
+    block_zeros: int = 0
+    block_numel: int = 0
+    """Zeros and size of every weight matrix in the decoder blocks, pruned or not (see [`overall_sparsity`])."""
 
     @property
     def sparsity(self) -> float:
@@ -73,13 +82,20 @@ class PruningReport:
         numel = sum(m.numel for m in self.modules.values())
         return sum(m.num_zeros for m in self.modules.values()) / max(numel, 1)
 
+    @property
+    def overall_sparsity(self) -> float:
+        r"""Fraction of zeros over every weight matrix of the decoder blocks, the skipped ones included."""
+        return self.block_zeros / max(self.block_numel, 1)
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "pattern": self.pattern,
             "sparsity": self.sparsity,
+            "overall_sparsity": self.overall_sparsity,
             "seconds": self.seconds,
             "modules": {name: asdict(m) for name, m in self.modules.items()},
+            "skipped": dict(self.skipped),
         }
 
     def __str__(self) -> str:
@@ -92,13 +108,29 @@ class PruningReport:
             f"{len(self.modules)} modules pruned with {self.method} ({self.pattern}): sparsity {self.sparsity:.4f} "
             f"in {self.seconds:.1f} s"
         )
+        if self.block_numel:
+            lines.append(f"every weight matrix of the decoder blocks: sparsity {self.overall_sparsity:.4f}")
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for reason in self.skipped.values():
+                reasons[reason] = reasons.get(reason, 0) + 1
+            lines.append(
+                f"{len(self.skipped)} left dense: " + "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+            )
         return "\n".join(lines)
 
 
-def measure_module(module: nn.Module, pattern: str | SparsityTarget, **fields) -> ModuleReport:
-    r"""[`ModuleReport.measure`] on a prunable module's weight, noting whether it is stored transposed."""
-    weight = weight_view(module)  # (out, in)
-    return ModuleReport.measure(weight, pattern, transposed=weight is not module.weight, **fields)
+def measure_module(target: Target, pattern: str | SparsityTarget, **fields) -> ModuleReport:
+    r"""[`ModuleReport.measure`] on a prunable weight, noting its layout (and, for fused experts, their number)."""
+    experts = target.num_experts if isinstance(target, ExpertProjection) else None
+    return ModuleReport.measure(
+        weight_view(target), pattern, transposed=is_transposed(target), experts=experts, **fields
+    )
+
+
+def tensor_name(name: str, entry: dict) -> str:
+    r"""The state-dict key of a recorded module's weight: `{name}.weight`, or `name` itself for fused experts."""
+    return name if entry.get("experts") else f"{name}.weight"
 
 
 def module_records(
@@ -108,7 +140,7 @@ def module_records(
 
     Errors and timings of `report` are carried over; sparsity is measured from the weights.
     """
-    named = dict(model.named_modules())
+    named = named_weights(model)
     if report is not None:
         known = report.modules
     else:
@@ -125,7 +157,7 @@ def module_records(
 
 def pattern_problems(model: nn.Module, modules: dict[str, ModuleReport]) -> dict[str, str]:
     r"""`{module name: problem}` for every N:M module whose weights break its pattern."""
-    named = dict(model.named_modules())
+    named = named_weights(model)
     problems = {}
     for name, entry in modules.items():
         if SparsityTarget.parse(entry.pattern, field="pattern").is_nm:
@@ -198,13 +230,13 @@ def verify_model(model: nn.Module, record: Any = None) -> VerificationResult:
         modules = record.get("modules")
         if modules is None:
             return verify_model(model, PruningConfig.from_dict(record))
-    named = dict(model.named_modules())
+    named = named_weights(model)
     weights = {name: weight_view(named[name]) for name in modules if name in named}
     return check_modules(modules, weights)
 
 
 def check_modules(modules: dict[str, dict], weights: dict[str, torch.Tensor]) -> VerificationResult:
-    r"""Checks `(out, in)` weights by module name against the record's module entries."""
+    r"""Checks `(out, in)` weights (`(E, out, in)` for fused experts) by module name against the record's entries."""
     result = VerificationResult(checked=len(modules))
     for name, entry in modules.items():
         weight = weights.get(name)

@@ -26,14 +26,22 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..models import weight_view
+from ..models import named_weights, weight_view
 from ..sparsity import SparsityTarget
 from ..utils.distributed import is_main_process
 from ..utils.files import atomic_directory
 from .compact import KEEP_MASKS_NAME, convert_folder_to_compact, save_keep_masks
 from .hub import upload_checkpoint
 from .model_card import create_model_card
-from .record import ModuleReport, PruningReport, format_problems, module_records, pattern_problems, write_record
+from .record import (
+    ModuleReport,
+    PruningReport,
+    format_problems,
+    module_records,
+    pattern_problems,
+    tensor_name,
+    write_record,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -198,12 +206,12 @@ def _compact_patterns(modules: dict[str, ModuleReport]) -> dict[str, tuple[int |
     patterns = {}
     for name, entry in modules.items():
         target = SparsityTarget.parse(entry.pattern, field="pattern")
-        patterns[f"{name}.weight"] = (target.n, target.m, entry.transposed)
+        patterns[tensor_name(name, {"experts": entry.experts})] = (target.n, target.m, entry.transposed)
     return patterns
 
 
 def _check_keep_masks(model: nn.Module, modules: dict[str, ModuleReport], keep_masks: dict[str, torch.Tensor]) -> None:
-    named = dict(model.named_modules())
+    named = named_weights(model)
     for name in modules:
         if name not in keep_masks:
             raise ValueError(f"`keep_masks` has no mask for pruned module {name!r}.")

@@ -14,7 +14,7 @@ from ..utils.files import check_files
 from .codec import CompactFormatError
 from .compact import COMPACT_WEIGHTS_NAME, load_compact
 from .load import load_pretrained
-from .record import VerificationResult, check_modules, read_record, verify_model
+from .record import VerificationResult, check_modules, read_record, tensor_name, verify_model
 
 
 def verify(model_or_path: nn.Module | str | os.PathLike, record: Any = None) -> VerificationResult:
@@ -59,7 +59,7 @@ def _verify_weights(path: str, record: dict) -> VerificationResult:
     if not modules:
         model = load_pretrained(path, verify_on_load=False)
         return verify_model(model, PruningConfig.from_dict(record))
-    names = {f"{name}.weight": name for name in modules}
+    names = {tensor_name(name, entry): name for name, entry in modules.items()}
     if record.get("format") == "compact":
         tensors = {k: v for k, v in load_compact(os.path.join(path, COMPACT_WEIGHTS_NAME)).items() if k in names}
     else:
@@ -76,5 +76,5 @@ def _verify_weights(path: str, record: dict) -> VerificationResult:
                 tensors.update({k: f.get_tensor(k) for k in keys if k in names})
     if len(tensors) < len(names):  # saved under other names (a conversion mapping): check the loaded model instead
         return verify_model(load_pretrained(path, verify_on_load=False))
-    weights = {names[k]: v.t() if modules[names[k]].get("transposed") else v for k, v in tensors.items()}
+    weights = {names[k]: v.transpose(-1, -2) if modules[names[k]].get("transposed") else v for k, v in tensors.items()}
     return check_modules(modules, weights)

@@ -2,6 +2,7 @@ r"""Where a model's repeated decoder blocks are."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .targets import is_prunable
@@ -50,3 +51,9 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _has_prunable(module: nn.Module) -> bool:
     return any(is_prunable(m) for m in module.modules())
+
+
+def named_block_matrices(blocks: nn.ModuleList, blocks_path: str) -> dict[str, torch.Tensor]:
+    r"""Every weight matrix of the decoder blocks by parameter name: parameters of two or more dimensions (Linear,
+    Conv1D, fused experts, routers), whether prunable or not. Norms and biases are vectors and not counted."""
+    return {f"{blocks_path}.{name}": param.detach() for name, param in blocks.named_parameters() if param.dim() >= 2}

@@ -9,6 +9,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PruningConfig
+from ..utils.checks import name_matches
+from .experts import ExpertProjection, expert_projections, is_experts_module
 
 
 logger = logging.getLogger(__name__)
@@ -16,44 +18,73 @@ logger = logging.getLogger(__name__)
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
 
 
+Target = nn.Module | ExpertProjection
+"""A pruning target: an `nn.Linear`, a `Conv1D`, or one fused expert parameter."""
+
+
 def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, PRUNABLE_TYPES)
 
 
-def weight_view(module: nn.Module) -> torch.Tensor:
-    r"""The module's weight as `(out, in)`: a view, transposed for GPT-2's `Conv1D` which stores `(in, out)`."""
-    if isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
+def weight_view(target: Target) -> torch.Tensor:
+    r"""The target's weight as `(out, in)`: a view, transposed for GPT-2's `Conv1D` which stores `(in, out)`; an
+    [`ExpertProjection`] gives `(E, out, in)`."""
+    if isinstance(target, ExpertProjection):
+        return target.view()
+    if isinstance(target, Conv1D):
+        return target.weight.t()
+    return target.weight
 
 
-def in_features(module: nn.Module) -> int:
-    return weight_view(module).shape[1]
+def is_transposed(target: Target) -> bool:
+    r"""Whether the stored parameter is the transpose of `(out, in)` (`Conv1D`, transposed experts)."""
+    return target.transposed if isinstance(target, ExpertProjection) else isinstance(target, Conv1D)
 
 
-def find_targets(model: nn.Module, config: PruningConfig, prefix: str = "") -> dict[str, nn.Module]:
-    r"""Prunable modules of `model` selected by `config.targets` and `config.ignore`, by full name.
+def in_features(target: Target) -> int:
+    return weight_view(target).shape[-1]
+
+
+def named_weights(model: nn.Module, prefix: str = "") -> dict[str, Target]:
+    r"""Every prunable weight of `model` by full name: `nn.Linear` and `Conv1D` modules, and fused expert parameters
+    (named `{experts module}.{parameter}`), whether a config selects them or not."""
+    found = {}
+    for name, module in model.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if is_prunable(module):
+            found[full] = module
+        elif is_experts_module(module):
+            for parameter, projection in expert_projections(module).items():
+                found[f"{full}.{parameter}"] = projection
+    return found
+
+
+def find_targets(
+    model: nn.Module, config: PruningConfig, prefix: str = "", skipped: dict[str, str] | None = None
+) -> dict[str, Target]:
+    r"""Prunable weights of `model` (see [`named_weights`]) selected by `config.targets` and `config.ignore`.
 
     Args:
         model (`nn.Module`): the model or a sub-module (a decoder block).
         config ([`PruningConfig`]): supplies `targets`, `ignore`, the sparsity and `skip_incompatible`.
         prefix (`str`, *optional*): the full name of `model` inside the whole model, so that names match.
+        skipped (`dict[str, str]`, *optional*): filled with `{name: reason}` for every prunable weight left out.
 
     Raises a `ValueError` naming the module when an N:M group size does not divide its input size, unless
     `config.skip_incompatible` is set, in which case the module is left out with a warning.
     """
-    found = {}
-    for name, module in model.named_modules():
-        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if not is_prunable(module) or not config.is_target(full):
+    found, skipped = {}, {} if skipped is None else skipped
+    for full, module in named_weights(model, prefix).items():
+        if not config.is_target(full):
+            ignored = any(name_matches(full, p) for p in config.ignore or [])
+            skipped[full] = "matches `ignore`" if ignored else "not selected by `targets`"
             continue
         target = config.target_for(full)
         if target.is_nm and in_features(module) % target.m:
             if config.skip_incompatible:
-                logger.warning(
-                    f"skipping {full!r}: its {in_features(module)} inputs are not a multiple of M={target.m} "
-                    f"(`skip_incompatible=True`)."
-                )
+                reason = f"its {in_features(module)} inputs are not a multiple of M={target.m} (`skip_incompatible`)"
+                logger.warning(f"skipping {full!r}: {reason}.")
+                skipped[full] = reason
                 continue
             raise ValueError(
                 f"module {full!r} has {in_features(module)} inputs, not a multiple of M={target.m} for "

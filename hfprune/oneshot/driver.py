@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.record import PruningReport, measure_module
 from ..config import PruningConfig
-from ..models import find_decoder_blocks, find_targets, in_features, weight_view
+from ..models import find_decoder_blocks, find_targets, named_block_matrices, weight_view
+from ..models.experts import ExpertProjection
 from ..sparsity import SparsityTarget, no_tf32
 from .calibration import calibration_windows, resolve_seq_len
 from .capture import capture_block_inputs, device_of, run_block
+from .collect import ExpertCollector, StatisticCollector
 from .methods import PruningMethod, get_method
 from .statistics import STATISTIC_TYPES
 
@@ -69,12 +71,17 @@ def prune(
         raise ValueError("`method` is not set; use PruningConfig(method='sparsegpt' | 'wanda' | 'magnitude', ...).")
     method = get_method(config.method)
     blocks_path, blocks = find_decoder_blocks(model)
-    block_targets = [find_targets(block, config, prefix=f"{blocks_path}.{i}") for i, block in enumerate(blocks)]
+    skipped: dict[str, str] = {}
+    block_targets = [
+        find_targets(block, config, prefix=f"{blocks_path}.{i}", skipped=skipped) for i, block in enumerate(blocks)
+    ]
     if not any(block_targets):
         raise ValueError(
             f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
         )
-    report = PruningReport(method=method.name, pattern=str(config.target), keep_masks={} if return_masks else None)
+    report = PruningReport(
+        method=method.name, pattern=str(config.target), keep_masks={} if return_masks else None, skipped=skipped
+    )
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -82,8 +89,11 @@ def prune(
         with torch.no_grad():
             if method.statistic == "none":
                 for targets in tqdm(block_targets, desc=f"{method.name}", disable=not progress, unit="block"):
-                    for name, module in targets.items():
-                        _prune_module(name, module, method, None, config, report)
+                    for name, target in targets.items():
+                        stats = (
+                            dict.fromkeys(range(target.num_experts)) if isinstance(target, ExpertProjection) else None
+                        )
+                        _prune_module(name, target, method, stats, config, report)
             else:
                 _prune_calibrated(
                     model, blocks, block_targets, method, config, calibration, tokenizer, progress, report
@@ -91,6 +101,11 @@ def prune(
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
+    for weight in named_block_matrices(blocks, blocks_path).values():
+        report.block_numel += weight.numel()
+        report.block_zeros += weight.numel() - int(torch.count_nonzero(weight))
+    if skipped:
+        logger.info(f"{len(skipped)} prunable weights of the decoder blocks left dense (see `report.skipped`).")
     return report
 
 
@@ -119,88 +134,84 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
         home = device_of(block)
         block.to(device)
         if targets:
-            # 1. one statistic per distinct input tensor: modules called on the same tensor object share it
-            collector = _StatisticCollector(targets, statistic_type, device)
+            # 1. one statistic per distinct input tensor (modules called on the same tensor object share it), and
+            #    one per expert of a fused experts module, on the tokens routed to it
+            modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
+            experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
+            collector = StatisticCollector(modules, statistic_type, device)
+            expert_collector = ExpertCollector(experts, statistic_type, device)
             try:
                 run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
             finally:
                 collector.remove()
-            stats, leader_of = collector.stats, collector.leader_of
-            # 2. prepare once per input (SparseGPT: one factorisation), then prune every module that reads it
-            prepared, members_left = {}, Counter(leader_of.values())
-            for name, module in targets.items():
-                leader = leader_of[name]
-                if leader not in prepared:
-                    # Passed as a temporary, so that `prepare` may free the raw statistic once it is consumed.
-                    statistic = stats.pop(leader)
-                    with no_tf32():
-                        prepared[leader] = (
-                            method.prepare(statistic.result(), config) if method.prepare else statistic.result()
-                        )
-                _prune_module(name, module, method, prepared[leader], config, report)
-                members_left[leader] -= 1
-                if not members_left[leader]:
-                    del prepared[leader]  # free the Hessian factor as soon as its last reader is pruned
-            del collector
-        # 3. the pruned block's outputs calibrate the next block
+                expert_collector.remove()
+            _prune_modules(modules, collector, method, config, report)
+            for name, projection in experts.items():
+                prepared = {}
+                for expert in range(projection.num_experts):
+                    statistic = expert_collector.stats.pop((name, expert), None)
+                    seen = expert_collector.tokens.get((name, expert), 0)
+                    prepared[expert] = _prepare(method, statistic, seen, f"{name}[{expert}]", config)
+                _prune_module(name, projection, method, prepared, config, report)
+                del prepared
+            del collector, expert_collector
+        # 2. the pruned block's outputs calibrate the next block
         if index + 1 < len(blocks):
             run_block(block, index, inputs, write_back=True)
         block.to(home)
     inputs.hidden.clear()
 
 
-def _prune_module(name, module, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
-    start = time.perf_counter()
-    target: SparsityTarget = config.target_for(name)
-    weight = weight_view(module)  # (out, in), a view of the parameter
+def _prune_modules(modules, collector, method, config, report) -> None:
+    r"""Prunes `nn.Linear` / `Conv1D` targets: prepare once per input (SparseGPT: one factorisation), prune every
+    module that reads it, free the prepared statistic after its last reader."""
+    leader_of = collector.leader_of
+    prepared, members_left = {}, Counter(leader_of.values())
+    for name, module in modules.items():
+        leader = leader_of.get(name)
+        if leader is None:  # never called in the calibration pass (an expert no token was routed to)
+            _prune_module(name, module, method, _prepare(method, None, 0, name, config), config, report)
+            continue
+        if leader not in prepared:
+            # Passed as a temporary, so that `prepare` may free the raw statistic once it is consumed.
+            statistic = collector.stats.pop(leader)
+            prepared[leader] = _prepare(method, statistic, collector.tokens[leader], name, config)
+        _prune_module(name, module, method, prepared[leader], config, report)
+        members_left[leader] -= 1
+        if not members_left[leader]:
+            del prepared[leader]  # free the Hessian factor as soon as its last reader is pruned
+
+
+def _prepare(method: PruningMethod, statistic, tokens: int, name: str, config: PruningConfig):
+    r"""What the kernel consumes for one input; `None` (magnitude fallback) below `min_calibration_tokens`."""
+    if statistic is None or tokens < config.min_calibration_tokens:
+        logger.warning(
+            f"{name} saw {tokens} calibration tokens, fewer than `min_calibration_tokens`="
+            f"{config.min_calibration_tokens}: pruned by magnitude instead of {method.name}."
+        )
+        return None
     with no_tf32():
-        result = method.prune_weight(weight.detach(), stats, target, config)
-    weight.copy_(result.weight)
-    report.modules[name] = measure_module(module, target, error=result.error, seconds=time.perf_counter() - start)
+        return method.prepare(statistic.result(), config) if method.prepare else statistic.result()
+
+
+def _prune_module(name, target, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
+    r"""Prunes one target with `stats` (for fused experts: `{expert: stats}`) and records it. `None` statistics
+    fall back to magnitude pruning; the whole weight is written back once."""
+    start = time.perf_counter()
+    pattern: SparsityTarget = config.target_for(name)
+    weight = weight_view(target)  # (out, in), or (E, out, in) for fused experts: a view of the parameter
+    matrices = weight.unbind(0) if isinstance(target, ExpertProjection) else (weight,)
+    per_matrix = stats if isinstance(target, ExpertProjection) else {0: stats}
+    errors, keep_masks = [], []
+    for i, matrix in enumerate(matrices):
+        kernel = method if per_matrix[i] is not None or method.statistic == "none" else get_method("magnitude")
+        with no_tf32():
+            result = kernel.prune_weight(matrix.detach(), per_matrix[i], pattern, config)
+        matrix.copy_(result.weight)
+        errors.append(result.error)
+        keep_masks.append(result.keep_mask)
+    error = sum(errors) if all(e is not None for e in errors) else None
+    report.modules[name] = measure_module(target, pattern, error=error, seconds=time.perf_counter() - start)
     if report.keep_masks is not None:
-        report.keep_masks[name] = result.keep_mask.cpu()
-
-
-class _StatisticCollector:
-    r"""Forward pre-hooks that accumulate one statistic per distinct input tensor of a block's target modules.
-
-    On the first batch every module learns its *leader*: the first module that was called on the same tensor
-    object (q/k/v on the normed hidden states, gate/up on the MLP input). Only leaders accumulate.
-    """
-
-    def __init__(self, targets: dict[str, nn.Module], statistic_type, device: torch.device):
-        self.stats: dict = {}
-        self.leader_of: dict[str, str] = {}
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
-        self._handles = [
-            module.register_forward_pre_hook(self._hook(name, module, statistic_type, device))
-            for name, module in targets.items()
-        ]
-
-    def _hook(self, name, module, statistic_type, device):
-        def hook(_, args):
-            x = args[0]
-            if name not in self.leader_of:
-                entry = self._seen.get(id(x))
-                self.leader_of[name] = entry[1] if entry is not None and entry[0] is x else name
-            if self.leader_of[name] != name:
-                return
-            if not torch.isfinite(x).all():
-                raise ValueError(
-                    f"calibration activations entering {name!r} contain NaN or Inf: the model overflows on this "
-                    "data (try float32 or bfloat16 instead of float16), or its weights are broken."
-                )
-            self._seen[id(x)] = (x, name)
-            if name not in self.stats:
-                self.stats[name] = statistic_type(in_features(module), device)
-            self.stats[name].update(x)
-
-        return hook
-
-    def next_batch(self) -> None:
-        self._seen.clear()  # drop references to the last batch's activations
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._seen.clear()
+        keep = torch.stack(keep_masks) if isinstance(target, ExpertProjection) else keep_masks[0]
+        report.keep_masks[name] = keep.cpu()

@@ -24,12 +24,13 @@ def sparsity_of(tensor: torch.Tensor) -> float:
 
 
 def check_weight(weight: torch.Tensor, pattern: str | SparsityTarget, min_zeros: int | None = None) -> str | None:
-    r"""The problem with `weight` `(out, in)` under `pattern`, or `None`.
+    r"""The problem with `weight` `(out, in)` (or `(..., out, in)`) under `pattern`, or `None`.
 
     N:M: any group of M along the input dimension with more than N nonzeros. Unstructured: fewer than `min_zeros`
     zeros (default: `floor(sparsity * in)` in every row, the least any hfprune method prunes).
     """
     target = SparsityTarget.parse(pattern, field="pattern")
+    weight = weight.reshape(-1, weight.shape[-1])  # stacked matrices (E, out, in) are checked as (E * out, in)
     rows, cols = weight.shape
     if target.is_nm:
         if cols % target.m:

@@ -39,7 +39,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PruningConfig
-from ..models import find_targets, in_features
+from ..models import ExpertProjection, find_targets, in_features
 from ..sparsity import SparsityTarget, nm_violations
 from .masked_weight import MaskedWeight
 from .masking import as_uint8, effective_weight, scaled_gradient, srste_gradient_
@@ -71,6 +71,9 @@ class GradientFlow:
         self.config = config
         self.targets: dict[str, MaskedWeight] = {}
         for name, module in find_targets(model, config).items():
+            if isinstance(module, ExpertProjection):
+                logger.warning(f"{name}: fused expert weights are not trained sparse yet; they stay dense.")
+                continue
             target = config.target_for(name)
             check_schedulable(name, in_features(module), target, config)
             self.targets[name] = MaskedWeight(name, module.weight, target, transposed=isinstance(module, Conv1D))
