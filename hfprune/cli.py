@@ -14,6 +14,7 @@ import shlex
 import sys
 from typing import Any
 
+from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
 from .config import CONFIG_NAME, ONESHOT_METHODS, PruningConfig
 
 
@@ -79,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model on a text (standard non-overlapping protocol)")
     e.add_argument("model", help="local folder or Hub id")
-    e.add_argument("--data", required=True, help="a text file, a saved dataset folder, or a dataset 'name:config'")
+    e.add_argument("--data", help="a text file, a saved dataset folder, or a dataset 'name:config' (perplexity)")
     e.add_argument("--seq-len", type=int, help="window length (default: min(2048, the model's positions))")
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--max-windows", type=int, help="evaluate only the first windows")
     e.add_argument("--device", help="device to evaluate on (default: cuda if available)")
+    add_task_arguments(e)
     _add_common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="local folder or Hub id")
     _add_common(r)
     r.set_defaults(func=cmd_report)
+
+    add_compare_parser(sub)
+    add_sensitivity_parser(sub)
     return parser
 
 
@@ -209,6 +214,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import perplexity
 
+    if args.tasks:
+        return cmd_eval_tasks(args)
+    if not args.data:
+        raise CLIError("give `--data` (perplexity on a text) or `--tasks` (zero-shot accuracy with lm-eval).")
     model, tokenizer = _load(args.model, args.dtype, args.quiet)
     if tokenizer is None:
         raise CLIError(f"no tokenizer found in {args.model}")

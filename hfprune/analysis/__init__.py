@@ -1,0 +1,32 @@
+r"""Seeing where pruning hurts: dense vs pruned comparison, per-group sensitivity, and zero-shot task accuracy.
+
+May import: `hfprune.config`, `hfprune.sparsity`, `hfprune.models`, `hfprune.oneshot`, `hfprune.checkpoints`,
+`hfprune.evaluation`, `hfprune.utils`, torch and transformers (never the package root or the command line). matplotlib (plots) and lm-evaluation-harness (tasks) are optional and
+imported only inside the functions that need them.
+"""
+
+from .compare import compare
+from .lm_eval import evaluate_tasks, is_lm_eval_available
+from .plots import is_matplotlib_available
+from .report import BlockSimilarity, ComparisonReport, LayerComparison, LossIncrease, WindowDamage
+from .sensitivity import GroupSensitivity, SensitivityReport, sensitivity, suggest_overrides
+from .similarity import linear_cka, token_cosine_similarity
+
+
+__all__ = [
+    "BlockSimilarity",
+    "ComparisonReport",
+    "GroupSensitivity",
+    "LayerComparison",
+    "LossIncrease",
+    "SensitivityReport",
+    "WindowDamage",
+    "compare",
+    "evaluate_tasks",
+    "is_lm_eval_available",
+    "is_matplotlib_available",
+    "linear_cka",
+    "sensitivity",
+    "suggest_overrides",
+    "token_cosine_similarity",
+]

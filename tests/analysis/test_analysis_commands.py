@@ -1,0 +1,160 @@
+import argparse
+import copy
+import json
+
+import pytest
+
+from hfprune import PruningConfig, prune, save_pruned
+from hfprune.analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="hfprune")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compare_parser(sub)
+    add_sensitivity_parser(sub)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def folders(tmp_path, tiny_model, char_tokenizer, calibration_text):
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    char_tokenizer.save_pretrained(tmp_path / "dense")
+    pruned = copy.deepcopy(dense)
+    config = PruningConfig(method="magnitude", sparsity="2:4")
+    report = prune(pruned, config, progress=False, return_masks=True)
+    save_pruned(pruned, tmp_path / "pruned", config, report, char_tokenizer, format="compact")
+    (tmp_path / "eval.txt").write_text("\n\n".join(calibration_text))
+    return tmp_path
+
+
+def test_compare_command_writes_the_report_and_json(folders, capsys):
+    pytest.importorskip("matplotlib")
+    out = folders / "report"
+    args = parse(
+        [
+            "compare",
+            str(folders / "dense"),
+            str(folders / "pruned"),
+            "--data",
+            str(folders / "eval.txt"),
+            "--output",
+            str(out),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ]
+    )
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "report.json").read_text())
+    assert printed["num_windows"] == 8 and printed["seq_len"] == 32
+    assert {p.name for p in out.iterdir()} == {
+        "report.md",
+        "report.json",
+        "layers.png",
+        "blocks.png",
+        "loss_increase.png",
+    }
+    layers = {layer["name"]: layer for layer in printed["layers"]}
+    # The compact folder was loaded with its record: patterns of the pruned modules, lm_head untouched.
+    assert layers["model.layers.0.mlp.down_proj"]["pattern"] == "2:4"
+    assert layers["model.layers.0.mlp.down_proj"]["sparsity"] == 0.5
+    assert layers["lm_head"]["pattern"] is None and layers["lm_head"]["sparsity"] == 0.0
+    assert printed["pruned_perplexity"] != printed["dense_perplexity"]
+
+
+def test_compare_command_needs_an_output(folders):
+    args = parse(["compare", str(folders / "dense"), str(folders / "pruned"), "--data", str(folders / "eval.txt")])
+    with pytest.raises(ValueError, match="--output"):
+        args.func(args)
+
+
+def test_sensitivity_command(folders, capsys):
+    args = parse(
+        [
+            "sensitivity",
+            str(folders / "dense"),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.8",
+            "--by",
+            "module_kind",
+            "--data",
+            str(folders / "eval.txt"),
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--output",
+            str(folders / "sens"),
+            "--quiet",
+        ]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "dense perplexity" in printed and "mlp.down_proj" in printed
+    saved = json.loads((folders / "sens" / "sensitivity.json").read_text())
+    assert [g["name"] for g in saved["groups"]][:2] == ["self_attn.q_proj", "self_attn.k_proj"]
+    assert all(len(g["modules"]) == 2 for g in saved["groups"])
+    assert sorted(p.name for p in (folders / "sens").iterdir()) == ["sensitivity.json", "sensitivity.md"]
+
+
+@pytest.mark.slow  # indexes every built-in lm-evaluation-harness task (about 15 s)
+def test_eval_tasks_command(folders, capsys, tmp_path):
+    pytest.importorskip("lm_eval")
+    # The eval parser of hfprune with the task options added.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--data")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    add_task_arguments(parser)
+    # A tokenizer with an EOS token, and a two-question local task.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folders / "dense")
+    tokenizer.add_special_tokens({"eos_token": "</s>"})
+    tokenizer.save_pretrained(folders / "dense")
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"q": "ab", "c": ["a", "b"], "t": 0}, {"q": "ba", "c": ["a", "b"], "t": 1}]))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "qa.yaml").write_text(
+        "task: hfprune_cli_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\n  cache_dir: {tmp_path / 'cache'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{c}}"\ndoc_to_target: "{{t}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    args = parser.parse_args(
+        [str(folders / "dense"), "--tasks", "hfprune_cli_qa", "--include-path", str(tmp_path / "tasks")]
+        + ["--data", str(folders / "eval.txt"), "--seq-len", "32", "--device", "cpu", "--json", "--quiet"]
+    )
+    assert cmd_eval_tasks(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # The same numbers as the library calls on the same model.
+    from hfprune import perplexity
+    from hfprune.analysis import evaluate_tasks
+    from hfprune.analysis.commands import load_model
+
+    model, tokenizer = load_model(str(folders / "dense"), device="cpu")
+    expected = evaluate_tasks(
+        model, tokenizer, ["hfprune_cli_qa"], include_path=str(tmp_path / "tasks"), include_defaults=False
+    )
+    assert printed["tasks"] == expected
+    assert printed["tasks"]["hfprune_cli_qa"]["num_samples"] == 2
+    assert printed["perplexity"] == pytest.approx(
+        perplexity(model, tokenizer, str(folders / "eval.txt"), seq_len=32, progress=False), rel=1e-6
+    )
