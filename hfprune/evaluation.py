@@ -20,6 +20,9 @@ from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
 from .sparsity import sparsity_of
 
 
+NLL_CHUNK_TOKENS = 1024
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -41,7 +44,9 @@ def perplexity(
         seq_len (`int`, *optional*): window length; default `min(2048, the model's max positions)`.
         batch_size (`int`, *optional*, defaults to 8): windows per forward pass.
         max_windows (`int`, *optional*): evaluate only the first windows (quick checks).
-        device (*optional*): where to run; default the model's device.
+        device (*optional*): where to run. Default: the model's device (that of its input embeddings). Another
+            device moves the model there for the evaluation and back afterwards; a model dispatched with a
+            `device_map` always runs where it is.
     """
     seq_len = resolve_seq_len(model, seq_len)
     ids = data if isinstance(data, torch.Tensor) else tokenize_text(load_text(data, split="test"), tokenizer)
@@ -52,22 +57,51 @@ def perplexity(
     if max_windows is not None:
         windows = min(windows, max_windows)
     ids = ids[: windows * seq_len].view(windows, seq_len)  # (windows, seq_len)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    home = input_device(model)
+    device = home if device is None else torch.device(device)
+    moved = device != home and not hasattr(model, "hf_device_map")  # a dispatched model stays where it is
+    if moved:
+        model.to(device)
+    elif device != home:
+        device = home
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
         for start in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress, unit="batch"):
             batch = ids[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()  # (b, seq_len, vocab)
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += float(nll)
+            logits = model(input_ids=batch, use_cache=False).logits  # (b, seq_len, vocab), the model's dtype
+            total_nll += next_token_nll(logits, batch)
             total_tokens += batch[:, 1:].numel()
+            del logits
     finally:
         model.train(was_training)
+        if moved:
+            model.to(home)
     return math.exp(total_nll / total_tokens)
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    r"""Summed negative log-likelihood of `ids[:, 1:]` under `logits[:, :-1]` `(b, seq_len, vocab)`.
+
+    Logits are upcast to float32 `NLL_CHUNK_TOKENS` positions at a time: at once, Llama-3's 128k vocabulary over
+    8 x 2048 tokens would take 8 GB in float32.
+    """
+    total = 0.0
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1] - 1, NLL_CHUNK_TOKENS):
+            end = min(start + NLL_CHUNK_TOKENS, logits.shape[1] - 1)
+            chunk = logits[row, start:end].float()  # (chunk, vocab)
+            total += float(F.cross_entropy(chunk, ids[row, start + 1 : end + 1], reduction="sum"))
+    return total
+
+
+def input_device(model: nn.Module) -> torch.device:
+    r"""Where a model's inputs go: the device of its input embeddings (its first parameter without them)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:

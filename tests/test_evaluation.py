@@ -89,3 +89,35 @@ def test_sparsity_report(tiny_model):
     assert set(report) == {
         f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     } | {"lm_head"}
+
+
+def test_chunked_upcast_equals_one_cross_entropy(tiny_model, monkeypatch):
+    import hfprune.evaluation
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    reference = float(
+        F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), ids[:, 1:].reshape(-1), reduction="sum")
+    )
+    monkeypatch.setattr(hfprune.evaluation, "NLL_CHUNK_TOKENS", 7)  # 39 predictions a row: chunks of 7 and a tail
+    assert hfprune.evaluation.next_token_nll(logits, ids) == pytest.approx(reference, rel=1e-6)
+
+
+def test_perplexity_moves_the_model_to_the_device_it_runs_on_and_back(tiny_model, monkeypatch):
+    model = tiny_model("llama")
+    moves = []
+    original_to = model.to
+
+    def spy_to(*args, **kwargs):
+        moves.append(torch.device(args[0]))
+        return original_to(*args, **kwargs)
+
+    monkeypatch.setattr(model, "to", spy_to)
+    ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(3))
+    # "cpu:0" is the same memory as "cpu" but another device name, so it goes through the move and the return
+    assert perplexity(model, data=ids, seq_len=32, device="cpu:0", progress=False) == pytest.approx(
+        perplexity(model, data=ids, seq_len=32, progress=False)
+    )
+    assert moves == [torch.device("cpu", 0), torch.device("cpu")]

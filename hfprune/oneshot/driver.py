@@ -132,34 +132,56 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
     for index in tqdm(range(len(blocks)), desc=f"{method.name}", disable=not progress, unit="block"):
         block, targets = blocks[index], block_targets[index]
         home = device_of(block)
-        block.to(device)
-        if targets:
-            # 1. one statistic per distinct input tensor (modules called on the same tensor object share it), and
-            #    one per expert of a fused experts module, on the tokens routed to it
-            modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
-            experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
-            collector = StatisticCollector(modules, statistic_type, device)
-            expert_collector = ExpertCollector(experts, statistic_type, device)
-            try:
-                run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
-            finally:
-                collector.remove()
-                expert_collector.remove()
-            _prune_modules(modules, collector, method, config, report)
-            for name, projection in experts.items():
-                prepared = {}
-                for expert in range(projection.num_experts):
-                    statistic = expert_collector.stats.pop((name, expert), None)
-                    seen = expert_collector.tokens.get((name, expert), 0)
-                    prepared[expert] = _prepare(method, statistic, seen, f"{name}[{expert}]", config)
-                _prune_module(name, projection, method, prepared, config, report)
-                del prepared
-            del collector, expert_collector
-        # 2. the pruned block's outputs calibrate the next block
-        if index + 1 < len(blocks):
-            run_block(block, index, inputs, write_back=True)
-        block.to(home)
+        try:
+            block.to(device)
+            if targets:
+                _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device)
+            # the pruned block's outputs calibrate the next block
+            if index + 1 < len(blocks):
+                run_block(block, index, inputs, write_back=True)
+        except Exception as e:
+            inputs.hidden.clear()
+            raise _failed_in_block(e, index, targets, report) from e
+        finally:
+            block.to(home)
     inputs.hidden.clear()
+
+
+def _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device) -> None:
+    r"""Collects the statistics of one block's targets in one calibration pass, then prunes them."""
+    # one statistic per distinct input tensor (modules called on the same tensor object share it), and one per
+    # expert of a fused experts module, on the tokens routed to it
+    modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
+    experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
+    collector = StatisticCollector(modules, statistic_type, device)
+    expert_collector = ExpertCollector(experts, statistic_type, device)
+    try:
+        run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
+    finally:
+        collector.remove()
+        expert_collector.remove()
+    _prune_modules(modules, collector, method, config, report)
+    for name, projection in experts.items():
+        prepared = {}
+        for expert in range(projection.num_experts):
+            statistic = expert_collector.stats.pop((name, expert), None)
+            seen = expert_collector.tokens.get((name, expert), 0)
+            prepared[expert] = _prepare(method, statistic, seen, f"{name}[{expert}]", config)
+        _prune_module(name, projection, method, prepared, config, report)
+        del prepared
+
+
+def _failed_in_block(error: Exception, index: int, targets: dict, report: PruningReport) -> Exception:
+    r"""`error` again, saying how far pruning got: blocks before `index` are pruned, block `index` maybe in part."""
+    partly = any(name in report.modules for name in targets)
+    state = f"blocks 0-{index - 1} are already pruned" if index else "no block was pruned before it"
+    if partly:
+        state += f", and some of block {index}'s modules"
+    message = f"pruning failed in decoder block {index} ({state}; reload the model before trying again): {error}"
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception type that does not take one message
+        return RuntimeError(message)
 
 
 def _prune_modules(modules, collector, method, config, report) -> None:

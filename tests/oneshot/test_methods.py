@@ -274,3 +274,30 @@ def test_sparsegpt_prepare_once_per_input_is_shareable():
     snapshot = [t.clone() for t in factor]
     METHODS["sparsegpt"].prune_weight(torch.randn(8, 64), factor, config.target, config)
     assert all(torch.equal(a, b) for a, b in zip(factor, snapshot, strict=True))
+
+
+def test_factorize_frees_the_hessian_it_is_handed_before_the_cholesky(monkeypatch):
+    import weakref
+
+    from hfprune.oneshot.methods.sparsegpt import factorize
+
+    X = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    alive = []
+
+    def hessian():
+        H = 2 * X @ X.T / 256  # (in, in)
+        alive.append(weakref.ref(H.untyped_storage()))  # storage objects live exactly as long as the memory
+        return H
+
+    cholesky = torch.linalg.cholesky
+
+    def spy(M, *args, **kwargs):
+        alive.append(alive[0]() is not None)
+        return cholesky(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", spy)
+    U, _ = factorize(hessian())
+    assert alive[1] is False, "the Hessian was still alive when its factorisation started"
+    H = 2 * X @ X.T / 256
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H), rtol=1e-3, atol=1e-4)

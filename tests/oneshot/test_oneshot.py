@@ -514,3 +514,32 @@ def test_non_finite_calibration_activations(method, bad, tiny_model, calibration
         prune(model, small_config(method), calibration_ids, progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if torch.isfinite(before[k]).all())  # nothing pruned
+
+
+def test_a_failure_mid_way_moves_the_block_back_and_says_how_far_it_got(tiny_model, calibration_ids, monkeypatch):
+    from hfprune.oneshot.methods import METHODS, PruningMethod
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    wanda = METHODS["wanda"]
+    calls = []
+
+    def failing(weight, stats, target, config):
+        calls.append(weight.shape)
+        if len(calls) == 9:  # the second module of block 1 (7 modules a block)
+            raise ValueError("the kernel broke")
+        return wanda.prune_weight(weight, stats, target, config)
+
+    monkeypatch.setitem(METHODS, "wanda", PruningMethod("wanda", "input_norm", failing, wanda.prepare))
+    moves = []
+    original_to = model.model.layers[1].to
+
+    def spy_to(*args, **kwargs):
+        moves.append(args[0] if args else kwargs.get("device"))
+        return original_to(*args, **kwargs)
+
+    monkeypatch.setattr(model.model.layers[1], "to", spy_to)
+    with pytest.raises(ValueError, match=r"decoder block 1 \(blocks 0-0 are already pruned, and some of block 1"):
+        prune(model, small_config("wanda"), calibration_ids, progress=False)
+    assert len(moves) == 2  # to the pruning device, and home again despite the failure
+    assert sparsity_of(model.model.layers[0].mlp.down_proj.weight) == 0.5
+    assert sparsity_of(model.model.layers[2].mlp.down_proj.weight) == 0.0

@@ -43,7 +43,7 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
     diag[dead] = 1.0
     diag.add_(dampening * diag.mean())
     M = H.flip(0, 1)  # J H J, a copy
-    del H  # frees the Hessian when the caller handed it over as a temporary
+    del H, diag  # frees the Hessian when the caller handed it over (the diagonal is a view that keeps it alive)
     torch.linalg.cholesky(M, out=M)  # J H J = M M^T, lower
     U = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     torch.linalg.solve_triangular(M, U, upper=False, out=U)  # M^-1
