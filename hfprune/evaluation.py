@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import named_weights, weight_view
+from .models import named_weights, read_weight
 from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
 from .sparsity import sparsity_of
 
@@ -106,4 +106,4 @@ def input_device(model: nn.Module) -> torch.device:
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:
     r"""Fraction of zeros of every `nn.Linear` and `Conv1D` weight and fused expert parameter, by name."""
-    return {name: sparsity_of(weight_view(target)) for name, target in named_weights(model).items()}
+    return {name: sparsity_of(read_weight(target)) for name, target in named_weights(model).items()}

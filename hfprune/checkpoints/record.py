@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, PruningConfig
-from ..models import ExpertProjection, Target, find_targets, is_transposed, named_weights, weight_view
+from ..models import ExpertProjection, Target, find_targets, is_transposed, named_weights, read_weight
 from ..sparsity import SparsityTarget, check_weight
 from ..utils.files import file_info, read_json, weight_files, write_json_atomic
 from .compact import KEEP_MASKS_NAME
@@ -124,7 +124,7 @@ def measure_module(target: Target, pattern: str | SparsityTarget, **fields) -> M
     r"""[`ModuleReport.measure`] on a prunable weight, noting its layout (and, for fused experts, their number)."""
     experts = target.num_experts if isinstance(target, ExpertProjection) else None
     return ModuleReport.measure(
-        weight_view(target), pattern, transposed=is_transposed(target), experts=experts, **fields
+        read_weight(target), pattern, transposed=is_transposed(target), experts=experts, **fields
     )
 
 
@@ -161,7 +161,7 @@ def pattern_problems(model: nn.Module, modules: dict[str, ModuleReport]) -> dict
     problems = {}
     for name, entry in modules.items():
         if SparsityTarget.parse(entry.pattern, field="pattern").is_nm:
-            problem = check_weight(weight_view(named[name]), entry.pattern)
+            problem = check_weight(read_weight(named[name]), entry.pattern)
             if problem:
                 problems[name] = problem
     return problems
@@ -231,7 +231,7 @@ def verify_model(model: nn.Module, record: Any = None) -> VerificationResult:
         if modules is None:
             return verify_model(model, PruningConfig.from_dict(record))
     named = named_weights(model)
-    weights = {name: weight_view(named[name]) for name in modules if name in named}
+    weights = {name: read_weight(named[name]) for name in modules if name in named}
     return check_modules(modules, weights)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..models import named_weights, weight_view
+from ..models import named_weights, read_weight
 from ..sparsity import SparsityTarget
 from ..utils.distributed import is_main_process
 from ..utils.files import atomic_directory
@@ -215,7 +215,7 @@ def _check_keep_masks(model: nn.Module, modules: dict[str, ModuleReport], keep_m
     for name in modules:
         if name not in keep_masks:
             raise ValueError(f"`keep_masks` has no mask for pruned module {name!r}.")
-        weight, keep_mask = weight_view(named[name]), keep_masks[name]
+        weight, keep_mask = read_weight(named[name]), keep_masks[name]
         if keep_mask.shape != weight.shape or keep_mask.dtype != torch.bool:
             raise ValueError(
                 f"keep mask of {name!r} is {keep_mask.dtype} {tuple(keep_mask.shape)}, expected bool {tuple(weight.shape)}."

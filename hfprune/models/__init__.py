@@ -13,6 +13,7 @@ from .targets import (
     is_prunable,
     is_transposed,
     named_weights,
+    read_weight,
     weight_view,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "is_transposed",
     "named_block_matrices",
     "named_weights",
+    "read_weight",
     "weight_view",
 ]

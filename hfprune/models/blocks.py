@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .offload import read_parameter
 from .targets import is_prunable
 
 
@@ -56,4 +57,8 @@ def _has_prunable(module: nn.Module) -> bool:
 def named_block_matrices(blocks: nn.ModuleList, blocks_path: str) -> dict[str, torch.Tensor]:
     r"""Every weight matrix of the decoder blocks by parameter name: parameters of two or more dimensions (Linear,
     Conv1D, fused experts, routers), whether prunable or not. Norms and biases are vectors and not counted."""
-    return {f"{blocks_path}.{name}": param.detach() for name, param in blocks.named_parameters() if param.dim() >= 2}
+    return {
+        f"{blocks_path}.{name}": read_parameter(blocks, name)
+        for name, param in blocks.named_parameters()
+        if param.dim() >= 2
+    }

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import PruningConfig
 from ..utils.checks import name_matches
 from .experts import ExpertProjection, expert_projections, is_experts_module
+from .offload import module_tensor
 
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,23 @@ def is_prunable(module: nn.Module) -> bool:
 def weight_view(target: Target) -> torch.Tensor:
     r"""The target's weight as `(out, in)`: a view, transposed for GPT-2's `Conv1D` which stores `(in, out)`; an
     [`ExpertProjection`] gives `(E, out, in)`."""
-    if isinstance(target, ExpertProjection):
-        return target.view()
-    if isinstance(target, Conv1D):
-        return target.weight.t()
-    return target.weight
+    return view_as_out_in(target, target.weight)
+
+
+def read_weight(target: Target) -> torch.Tensor:
+    r"""[`weight_view`] of the weight's value, read from its accelerate offload hook when the model is dispatched
+    with the weight offloaded (on `meta`). For reading only."""
+    owner, name = (
+        (target.experts, target.parameter_name) if isinstance(target, ExpertProjection) else (target, "weight")
+    )
+    return view_as_out_in(target, module_tensor(owner, name))
+
+
+def view_as_out_in(target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    r"""`tensor`, stored in `target`'s parameter layout, seen as `(out, in)` (`(E, out, in)` for experts)."""
+    if is_transposed(target):
+        return tensor.transpose(-1, -2)
+    return tensor
 
 
 def is_transposed(target: Target) -> bool:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.offload import offload_hooks, onloaded
+
 
 @dataclass
 class BlockInputs:
@@ -119,15 +121,9 @@ def capture_block_inputs(
         first = tokens[:batch_size].to(device)
         _forward(model, first, capture)
         # learn whether a block returns a tensor or a tuple, so that the recorders hand back the same shape
-        home = device_of(originals[0])
-        if home != device:
-            originals[0].to(device)
-        try:
+        with onloaded(originals[0], device, write_back=False):
             rest, kwargs = capture.call_arguments[0][0]
             out = originals[0](capture.hidden[0], *rest, **kwargs)
-        finally:
-            if home != device:
-                originals[0].to(home)
         capture = _Capture(len(blocks), stop_at=len(blocks) - 1)
         capture.output_kind = (isinstance(out, (tuple, list)), len(out) if isinstance(out, (tuple, list)) else 1)
         del out
@@ -185,6 +181,8 @@ def place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     moved_params, moved_buffers = [], []
     for module in model.modules():
+        if offload_hooks(module):  # offloaded (meta) weights: the module's own hook loads them where it runs
+            continue
         for param in module._parameters.values():
             if param is not None and id(param) not in inside and param.device != device:
                 moved_params.append((param, param.device))
@@ -201,9 +199,3 @@ def place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
             module._buffers[key] = module._buffers[key].to(home)
 
     return restore
-
-
-def device_of(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")

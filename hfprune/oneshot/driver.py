@@ -8,12 +8,15 @@ tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [bl
                    3. re-run the batches through the pruned block ─► inputs of the next block
 ```
 
-Only the block being pruned sits on the compute device; the other blocks stay where they are.
+Only the block being pruned sits on the compute device; the other blocks stay where they are. Blocks offloaded by a
+`device_map` (accelerate hooks, CPU or disk) are onloaded one at a time and written back pruned
+(see [`~hfprune.models.offload`]).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 
@@ -25,9 +28,10 @@ from ..checkpoints.record import PruningReport, measure_module
 from ..config import PruningConfig
 from ..models import find_decoder_blocks, find_targets, named_block_matrices, weight_view
 from ..models.experts import ExpertProjection
+from ..models.offload import check_writable, onloaded
 from ..sparsity import SparsityTarget, no_tf32
 from .calibration import calibration_windows, resolve_seq_len
-from .capture import capture_block_inputs, device_of, run_block
+from .capture import capture_block_inputs, run_block
 from .collect import ExpertCollector, StatisticCollector
 from .methods import PruningMethod, get_method
 from .statistics import STATISTIC_TYPES
@@ -43,6 +47,7 @@ def prune(
     tokenizer=None,
     progress: bool = True,
     return_masks: bool = False,
+    offload_folder: str | os.PathLike | None = None,
 ) -> PruningReport:
     r"""Prunes `model` in place, one decoder block at a time, and reports what was done.
 
@@ -56,6 +61,10 @@ def prune(
         progress (`bool`, *optional*, defaults to `True`): show a progress bar over blocks.
         return_masks (`bool`, *optional*, defaults to `False`):
             Keep every module's `keep_mask` (on CPU) in `report.keep_masks`.
+        offload_folder (`str`, *optional*): for a model dispatched with a `device_map` whose blocks are offloaded
+            to disk straight from its safetensors checkpoint: where the pruned weights of those blocks go (the
+            checkpoint is never modified). Blocks offloaded to CPU, or to an offload folder of their own, are written
+            back in place.
 
     Returns:
         [`PruningReport`]: per module pattern, sparsity, reconstruction error (SparseGPT) and seconds.
@@ -79,6 +88,8 @@ def prune(
         raise ValueError(
             f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
         )
+    for block in blocks:
+        check_writable(block, offload_folder)
     report = PruningReport(
         method=method.name, pattern=str(config.target), keep_masks={} if return_masks else None, skipped=skipped
     )
@@ -88,16 +99,19 @@ def prune(
     try:
         with torch.no_grad():
             if method.statistic == "none":
-                for targets in tqdm(block_targets, desc=f"{method.name}", disable=not progress, unit="block"):
-                    for name, target in targets.items():
-                        stats = (
-                            dict.fromkeys(range(target.num_experts)) if isinstance(target, ExpertProjection) else None
-                        )
-                        _prune_module(name, target, method, stats, config, report)
+                device = resolve_device(config.pruning_device)
+                pairs = list(zip(blocks, block_targets, strict=True))
+                for block, targets in tqdm(pairs, desc=method.name, disable=not progress, unit="block"):
+                    with onloaded(block, device, offload_folder):
+                        for name, target in targets.items():
+                            experts = isinstance(target, ExpertProjection)
+                            stats = dict.fromkeys(range(target.num_experts)) if experts else None
+                            _prune_module(name, target, method, stats, config, report)
             else:
                 _prune_calibrated(
-                    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report
-                )
+                    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report,
+                    offload_folder,
+                )  # fmt: skip
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
@@ -115,7 +129,9 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _prune_calibrated(model, blocks, block_targets, method, config, calibration, tokenizer, progress, report):
+def _prune_calibrated(
+    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report, offload_folder
+):
     if calibration is None:
         raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
     device = resolve_device(config.pruning_device)
@@ -131,19 +147,16 @@ def _prune_calibrated(model, blocks, block_targets, method, config, calibration,
 
     for index in tqdm(range(len(blocks)), desc=f"{method.name}", disable=not progress, unit="block"):
         block, targets = blocks[index], block_targets[index]
-        home = device_of(block)
         try:
-            block.to(device)
-            if targets:
-                _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device)
-            # the pruned block's outputs calibrate the next block
-            if index + 1 < len(blocks):
-                run_block(block, index, inputs, write_back=True)
+            with onloaded(block, device, offload_folder):  # and back home (or to its offload map) after
+                if targets:
+                    _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device)
+                # the pruned block's outputs calibrate the next block
+                if index + 1 < len(blocks):
+                    run_block(block, index, inputs, write_back=True)
         except Exception as e:
             inputs.hidden.clear()
             raise _failed_in_block(e, index, targets, report) from e
-        finally:
-            block.to(home)
     inputs.hidden.clear()
 
 
