@@ -11,7 +11,9 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
@@ -75,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_data", help="also measure perplexity before and after on this text")
     p.add_argument("--eval-max-windows", type=int, help="evaluate only the first windows of --eval")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the saved folder to this Hub repo")
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="load the whole model into memory; by default a local safetensors folder is streamed (the weights "
+        "stay on disk and one decoder block at a time is loaded, pruned and written back)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest weights file of the output (streaming: the memory it needs)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_prune)
 
@@ -134,7 +145,8 @@ def _config_from_args(args: argparse.Namespace) -> PruningConfig:
     return PruningConfig(**{name: getattr(args, name) for name in PRUNE_FIELDS if hasattr(args, name)})
 
 
-def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
+def _load(model_path: str, dtype: str = "auto", quiet: bool = False, offload_folder: str | None = None):
+    r"""The model and its tokenizer; with `offload_folder`, every weight stays on disk and is read when used."""
     import torch
     from transformers import AutoTokenizer
 
@@ -145,7 +157,19 @@ def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
 
         hf_logging.disable_progress_bar()
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = load_pretrained(model_path, dtype=torch_dtype)
+    streaming = {}
+    if offload_folder:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .models import find_decoder_blocks
+        from .models.offload import streaming_device_map
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        blocks_path, blocks = find_decoder_blocks(skeleton)
+        device_map = streaming_device_map(skeleton, blocks_path, len(blocks))
+        streaming = {"device_map": device_map, "offload_folder": offload_folder}
+    model = load_pretrained(model_path, dtype=torch_dtype, **streaming)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError):
@@ -154,16 +178,36 @@ def _load(model_path: str, dtype: str = "auto", quiet: bool = False):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoints import save_pruned
-    from .evaluation import perplexity
-    from .oneshot import prune
-
     config = _config_from_args(args)  # validate everything before loading anything
     if config.method != "magnitude" and not args.calibration:
         raise CLIError(f"--method {config.method} needs --calibration (a text file, dataset folder or name)")
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise CLIError(f"--output {args.output} exists and is not empty; pass --overwrite to replace it")
-    model, tokenizer = _load(args.model, args.dtype, args.quiet)
+    offload_folder = None
+    if not args.no_stream and _is_safetensors_folder(args.model):
+        # pruned blocks wait here until the output is written; beside the output, so on the same disk
+        parent = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(parent, exist_ok=True)
+        offload_folder = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(os.path.abspath(args.output))}.offload-", dir=parent
+        )
+    try:
+        return _prune_and_save(args, config, offload_folder)
+    finally:
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
+
+
+def _is_safetensors_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(name.endswith(".safetensors") for name in os.listdir(path))
+
+
+def _prune_and_save(args: argparse.Namespace, config: PruningConfig, offload_folder: str | None) -> int:
+    from .checkpoints import save_pruned
+    from .evaluation import perplexity
+    from .oneshot import prune
+
+    model, tokenizer = _load(args.model, args.dtype, args.quiet, offload_folder)
     if tokenizer is None and (args.calibration or args.eval_data):
         raise CLIError(f"no tokenizer found in {args.model}; calibration and evaluation text need one")
 
@@ -179,7 +223,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
 
     ppl = {"dense": measure()} if args.eval_data else {}
-    report = prune(model, config, args.calibration, tokenizer, progress=not args.quiet)
+    report = prune(model, config, args.calibration, tokenizer, progress=not args.quiet, offload_folder=offload_folder)
     if args.eval_data:
         ppl["pruned"] = measure()
     card = {
@@ -200,6 +244,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         format=args.format,
         model_card_info=card,
         push_to_hub=args.push_to_hub,
+        max_shard_size=args.max_shard_size,
     )
     if args.json:
         print(json.dumps({"output": path, "perplexity": ppl, "report": report.to_dict()}, indent=2))

@@ -175,3 +175,45 @@ def test_bfloat16_load(capsys, tmp_path, model_dir):
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16)
     assert nm_violations(model.model.layers[0].mlp.down_proj.weight, 2, 4) == 0
+
+
+def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path, model_dir, text_file, monkeypatch):
+    import hfprune.oneshot.driver
+
+    seen = []
+    original = hfprune.oneshot.driver.onloaded
+
+    def spy(block, device, offload_folder=None, write_back=True):
+        seen.append(block.mlp.down_proj.weight.device.type)  # where the block's weights are before it is pruned
+        return original(block, device, offload_folder, write_back)
+
+    monkeypatch.setattr(hfprune.oneshot.driver, "onloaded", spy)
+    common = (
+        "--method",
+        "wanda",
+        "--sparsity",
+        "2:4",
+        "--calibration",
+        text_file,
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+    )
+    assert run(capsys, "prune", model_dir, *common, "--output", tmp_path / "streamed", "--quiet")[0] == 0
+    assert seen == ["meta", "meta"]  # every block stayed on disk until its turn
+    seen.clear()
+    assert (
+        run(capsys, "prune", model_dir, *common, "--output", tmp_path / "in-memory", "--no-stream", "--quiet")[0] == 0
+    )
+    assert seen == ["cpu", "cpu"]
+    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
+    in_memory = load_file(tmp_path / "in-memory" / "model.safetensors")
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    assert sorted(os.listdir(tmp_path)) == [
+        "calib.txt",
+        "in-memory",
+        "streamed",
+        "tiny-llama",
+    ]  # no offload folder left

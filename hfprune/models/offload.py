@@ -188,3 +188,21 @@ def _write_back(weights_map, name: str, value: torch.Tensor, offload_folder: str
     offload_weight(value, key, folder, index=index)  # updates the index entry: dtype and shape of the .dat file
     index[key].pop("safetensors_file", None)
     index[key].pop("weight_name", None)
+
+
+def streaming_device_map(model: nn.Module, blocks_path: str, num_blocks: int) -> dict[str, str]:
+    r"""A `device_map` that leaves every decoder block on `"disk"` (read from the checkpoint when used) and the rest
+    of `model` (embeddings, final norm, head: built on `meta` for this) on `"cpu"`."""
+    device_map: dict[str, str] = {f"{blocks_path}.{i}": "disk" for i in range(num_blocks)}
+    parts = blocks_path.split(".")
+    module, prefix = model, ""
+    for depth, part in enumerate(parts):
+        for name, _ in module.named_children():
+            if name != part:
+                device_map[f"{prefix}{name}"] = "cpu"
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            device_map[f"{prefix}{name}"] = "cpu"
+        module, prefix = getattr(module, part), f"{prefix}{part}."
+        if depth == len(parts) - 1:
+            break
+    return device_map
