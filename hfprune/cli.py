@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import typing
 from typing import Any
 
 from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
@@ -34,6 +35,8 @@ PRUNE_FIELDS = (
     "calibration_seq_len",
     "calibration_batch_size",
     "calibration_seed",
+    "min_calibration_tokens",
+    "offload_activations",
     "pruning_device",
 )
 ALIASES = {
@@ -123,11 +126,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
+    # resolved types (`HfArgumentParser` rewrites `Field.type` in place, so the annotation string is not reliable)
+    types = typing.get_type_hints(PruningConfig)
     for name in PRUNE_FIELDS:
         f = fields[name]
         flags = [f"--{name.replace('_', '-')}"] + ([ALIASES[name]] if name in ALIASES else [])
         kwargs: dict[str, Any] = {"dest": name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
-        if f.type in ("bool",):
+        scalar = next((t for t in typing.get_args(types[name]) if t is not type(None)), types[name])
+        if scalar is bool:
             kwargs["action"] = "store_true"
         elif name in ("targets", "ignore"):
             kwargs["nargs"] = "+"
@@ -137,7 +143,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(choices=ONESHOT_METHODS, required=True)
             kwargs.pop("default")
         else:
-            kwargs["type"] = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            kwargs["type"] = scalar if scalar in (int, float) else str
         parser.add_argument(*flags, **kwargs)
 
 

@@ -109,6 +109,13 @@ class PruningConfig(PushToHubMixin):
             "pruned by magnitude instead, with a warning that names it."
         },
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the calibration activations (hidden states between blocks) in a temporary folder instead "
+            "of memory: lower peak memory for slower calibration."
+        },
+    )
     pruning_device: str | None = field(
         default=None,
         metadata={

@@ -13,7 +13,7 @@ from ..sparsity import SparsityTarget
 
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_NOT_IN_RECIPE = {"hfprune_version", "pruning_device"}
+_NOT_IN_RECIPE = {"hfprune_version", "pruning_device", "offload_activations"}
 
 
 def card_tags(record: dict) -> list[str]:

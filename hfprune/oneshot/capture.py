@@ -4,10 +4,14 @@ it block by block. The one place that moves a model's non-block parts between de
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models.offload import offload_hooks, onloaded
@@ -25,12 +29,48 @@ class BlockInputs:
             the model's own forward pass called it. Equal tensors are stored once.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | DiskActivations
     call_arguments: list[list[tuple[tuple, dict]]] = field(default_factory=list)
 
     def arguments(self, block_index: int, batch_index: int) -> tuple[tuple, dict]:
         r"""`(args, kwargs)` after the hidden states for block `block_index` on batch `batch_index`."""
         return self.call_arguments[block_index][batch_index]
+
+
+class DiskActivations:
+    r"""A list of tensors kept in a temporary folder (one safetensors file each) instead of memory: calibration
+    activations with `offload_activations=True`. Items load back to the device they came from."""
+
+    def __init__(self, folder: str | None = None):
+        self._folder = tempfile.mkdtemp(prefix="hfprune-activations-", dir=folder)
+        self._devices: list[torch.device] = []
+
+    def _file(self, index: int) -> str:
+        return os.path.join(self._folder, f"{index}.safetensors")
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._devices.append(tensor.device)
+        self[len(self._devices) - 1] = tensor
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        save_file({"x": tensor.detach().contiguous()}, self._file(index))
+        self._devices[index] = tensor.device
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_file(self._file(index), device=str(self._devices[index]))["x"]
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def clear(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+        self._devices = []
+
+    def __del__(self):
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class _Captured(Exception):
@@ -83,10 +123,10 @@ class _Recorder(nn.Module):
 
 
 class _Capture:
-    def __init__(self, num_blocks: int, stop_at: int):
+    def __init__(self, num_blocks: int, stop_at: int, on_disk: bool = False):
         self.num_blocks, self.stop_at = num_blocks, stop_at
         self.pool = _TensorPool()
-        self.hidden: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] | DiskActivations = DiskActivations() if on_disk else []
         self.call_arguments: list[list[tuple[tuple, dict]]] = [[] for _ in range(num_blocks)]
         self.output_kind: tuple[bool, int] = (False, 1)  # (returns a tuple, its length)
 
@@ -103,7 +143,12 @@ class _Capture:
 
 
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    tokens: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    offload_activations: bool = False,
 ) -> BlockInputs:
     r"""Runs the model on `tokens` `(samples, seq_len)` in batches and records what every decoder block is called
     with: block 0's hidden states, and each block's own other arguments.
@@ -111,6 +156,7 @@ def capture_block_inputs(
     Models give layers their own arguments (a sliding-window or full attention mask per `layer_types` entry, rotary
     embeddings per layer type in Gemma 3), so no block's arguments are replayed on another. Every block is replaced by
     a recorder for the pass; the real block 0 runs once on the first batch to learn the shape of a block's output.
+    With `offload_activations`, the hidden states of every batch go to a temporary folder rather than memory.
     """
     restore = place_outside_blocks(model, blocks, device)
     originals = list(blocks)
@@ -124,7 +170,7 @@ def capture_block_inputs(
         with onloaded(originals[0], device, write_back=False):
             rest, kwargs = capture.call_arguments[0][0]
             out = originals[0](capture.hidden[0], *rest, **kwargs)
-        capture = _Capture(len(blocks), stop_at=len(blocks) - 1)
+        capture = _Capture(len(blocks), stop_at=len(blocks) - 1, on_disk=offload_activations)
         capture.output_kind = (isinstance(out, (tuple, list)), len(out) if isinstance(out, (tuple, list)) else 1)
         del out
         for i in range(len(blocks)):

@@ -142,7 +142,9 @@ def _prune_calibrated(
     tokens = calibration_windows(
         calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed
     )
-    inputs = capture_block_inputs(model, blocks, tokens, config.calibration_batch_size, device)
+    inputs = capture_block_inputs(
+        model, blocks, tokens, config.calibration_batch_size, device, config.offload_activations
+    )
     statistic_type = STATISTIC_TYPES[method.statistic]
 
     for index in tqdm(range(len(blocks)), desc=f"{method.name}", disable=not progress, unit="block"):

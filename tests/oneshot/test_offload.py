@@ -83,3 +83,29 @@ def test_a_block_split_across_devices_is_refused(tiny_model, calibration_ids):
     model.model.layers[0].mlp.to("meta")  # stands in for a second device
     with pytest.raises(ValueError, match="sits on several devices"):
         hfprune.prune(model, CONFIG, calibration_ids, progress=False)
+
+
+def test_activations_on_disk_give_the_same_model(tiny_model, calibration_ids, tmp_path, monkeypatch):
+    import tempfile
+
+    import hfprune.oneshot.capture
+
+    reference = tiny_model("llama")
+    model = tiny_model("llama")
+    model.load_state_dict(reference.state_dict())
+    hfprune.prune(reference, CONFIG, calibration_ids, progress=False)
+    folders = []
+    original = hfprune.oneshot.capture.DiskActivations.__init__
+
+    def spy(self, folder=None):
+        original(self, folder)
+        folders.append(self._folder)
+
+    monkeypatch.setattr(hfprune.oneshot.capture.DiskActivations, "__init__", spy)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = PruningConfig(**{**CONFIG.to_dict(), "offload_activations": True})
+    hfprune.prune(model, config, calibration_ids, progress=False)
+    assert folders and folders[0].startswith(str(tmp_path))
+    assert not any(name.startswith("hfprune-activations-") for name in __import__("os").listdir(tmp_path))  # removed
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, ref), name
