@@ -21,7 +21,7 @@ from .version import __version__
 
 CONFIG_NAME = "pruning_config.json"
 
-ONESHOT_METHODS = ("magnitude", "sparsegpt", "wanda")
+ONESHOT_METHODS = ("admm", "magnitude", "sparsegpt", "wanda")
 GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
 SPARSITY_SCHEDULES = ("constant", "cubic")
 MDGF_BACKWARDS = ("ste", "scaled")
@@ -50,7 +50,7 @@ class PruningConfig(PushToHubMixin):
     method: str | None = field(
         default=None,
         metadata={
-            "help": "One-shot method: 'sparsegpt', 'wanda' or 'magnitude'. Required by `hfprune.prune`; in "
+            "help": "One-shot method: 'sparsegpt', 'admm', 'wanda' or 'magnitude'. Required by `hfprune.prune`; in "
             "PruningTrainer it prunes once before training starts (leave unset to start from the dense model)."
         },
     )
@@ -92,6 +92,16 @@ class PruningConfig(PushToHubMixin):
     )
     dampening: float = field(
         default=0.01, metadata={"help": "SparseGPT relative dampening: lambda = dampening * mean(diag(H))."}
+    )
+    admm_iterations: int = field(
+        default=20, metadata={"help": "ADMM: iterations of the weight update (Boza 2024; the reference code's 20)."}
+    )
+    admm_gradual_steps: int = field(
+        default=15, metadata={"help": "ADMM: first iterations that re-choose the mask on a cubic sparsity schedule."}
+    )
+    admm_rho: float = field(default=1.0, metadata={"help": "ADMM penalty rho, on the unit-diagonal Hessian."})
+    admm_dampening: float = field(
+        default=0.1, metadata={"help": "ADMM relative dampening of the unit-diagonal Hessian (SparseGPT's is 0.01)."}
     )
     num_calibration_samples: int = field(default=128, metadata={"help": "Number of calibration sequences."})
     calibration_seq_len: int | None = field(
@@ -227,9 +237,17 @@ class PruningConfig(PushToHubMixin):
         check_positive("num_calibration_samples", self.num_calibration_samples)
         check_positive("calibration_batch_size", self.calibration_batch_size)
         check_positive("min_calibration_tokens", self.min_calibration_tokens)
+        check_positive("admm_iterations", self.admm_iterations)
+        if not 0 <= self.admm_gradual_steps <= self.admm_iterations:
+            raise ValueError(
+                f"`admm_gradual_steps` ({self.admm_gradual_steps}) must be between 0 and `admm_iterations` "
+                f"({self.admm_iterations})."
+            )
+        if not self.admm_rho > 0 or not self.admm_dampening >= 0:
+            raise ValueError(f"`admm_rho` must be > 0 and `admm_dampening` >= 0, got {self.admm_rho}, {self.admm_dampening}.")
         if self.calibration_seq_len is not None:
             check_positive("calibration_seq_len", self.calibration_seq_len)
-        uses_blocks = self.method not in ("magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)
+        uses_blocks = self.method not in ("admm", "magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)
         for target in [self.target] + [t for _, t in self.overrides]:
             if uses_blocks and target.is_nm and self.block_size % target.m:
                 raise ValueError(

@@ -32,7 +32,7 @@ def test_every_field_has_help_text():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "obs"}, r"^`method`='obs' is unknown; choose one of magnitude, sparsegpt, wanda"),
+        ({"method": "obs"}, r"^`method`='obs' is unknown; choose one of admm, magnitude, sparsegpt, wanda"),
         ({"sparsity": "5:4"}, r"^`sparsity`='5:4': N \(5\) is larger than M \(4\)"),
         ({"sparsity": "1.5"}, r"^`sparsity` must be in \[0, 1\)"),
         ({"sparsity": "two:four"}, r"^`sparsity`='two:four' is neither"),

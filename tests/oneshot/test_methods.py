@@ -8,7 +8,7 @@ from hfprune.oneshot.statistics import HessianStatistic, InputNormStatistic
 from hfprune.sparsity import SparsityTarget, nm_violations
 
 
-METHOD_NAMES = ("magnitude", "sparsegpt", "wanda")
+METHOD_NAMES = ("admm", "magnitude", "sparsegpt", "wanda")
 
 
 def calibration_inputs(tokens: int = 512, features: int = 64, seed: int = 0) -> torch.Tensor:
@@ -47,6 +47,7 @@ def prune(method: str, weight: torch.Tensor, X: torch.Tensor, sparsity, **config
 def test_all_methods_are_registered_with_their_statistic():
     assert set(METHOD_NAMES) <= set(METHODS)
     assert {name: METHODS[name].statistic for name in METHOD_NAMES} == {
+        "admm": "hessian",
         "magnitude": "none",
         "sparsegpt": "hessian",
         "wanda": "input_norm",
@@ -89,7 +90,9 @@ def test_register_method_adds_a_kernel(monkeypatch):
 
 
 def test_get_method_unknown_names_the_field_and_the_choices():
-    with pytest.raises(ValueError, match=r"`method`='obs' is unknown; choose one of magnitude, sparsegpt, wanda"):
+    with pytest.raises(
+        ValueError, match=r"`method`='obs' is unknown; choose one of admm, magnitude, sparsegpt, wanda"
+    ):
         get_method("obs")
 
 
@@ -122,8 +125,8 @@ def test_method_pattern_matrix(method, sparsity):
     else:  # per matrix (magnitude), per column block (SparseGPT; one block of 128 covers these 64 columns)
         assert int((~result.keep_mask).sum()) == rows * cols // 2
 
-    if method == "sparsegpt":
-        # Kept weights are updated to absorb the error of the pruned ones, and the OBS error is reported.
+    if method in ("admm", "sparsegpt"):
+        # Kept weights are updated to absorb the error of the pruned ones, and the layer error is reported.
         assert not torch.equal(result.weight[result.keep_mask], weight[result.keep_mask])
         assert result.error is not None and result.error > 0
     else:
@@ -196,7 +199,7 @@ def test_hessian_statistic_is_2_xtx_over_tokens():
     torch.testing.assert_close(statistic.result(), 2 * flat.t() @ flat / 10)
 
 
-# --- layer output error: SparseGPT < Wanda < magnitude ---------------------------------------------------------
+# --- layer output error: ADMM < SparseGPT < Wanda < magnitude --------------------------------------------------
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
@@ -207,7 +210,7 @@ def test_output_error_ordering_on_correlated_inputs(sparsity):
     for method in METHOD_NAMES:
         pruned = prune(method, weight, X, sparsity).weight
         errors[method] = float(torch.linalg.norm(X @ weight.t() - X @ pruned.t()))  # ||W X - W_hat X||
-    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+    assert errors["admm"] < errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
     # Not by a hair: weight updates beat mask selection alone, and input norms beat plain magnitude.
     assert errors["sparsegpt"] < 0.95 * errors["wanda"] and errors["wanda"] < 0.5 * errors["magnitude"], errors
 
