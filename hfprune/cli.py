@@ -19,6 +19,7 @@ from typing import Any
 
 from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
 from .config import CONFIG_NAME, ONESHOT_METHODS, PruningConfig
+from .launch import barrier, process_group
 
 
 # Fields of PruningConfig that `hfprune prune` exposes, and their short aliases.
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with process_group(args.command == "prune", args):
+            return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(e)}))
@@ -189,6 +191,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CLIError(f"--method {config.method} needs --calibration (a text file, dataset folder or name)")
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise CLIError(f"--output {args.output} exists and is not empty; pass --overwrite to replace it")
+    barrier()  # several ranks: all have checked the output folder before rank 0 can write it
     offload_folder = None
     if not args.no_stream and _is_safetensors_folder(args.model):
         # pruned blocks wait here until the output is written; beside the output, so on the same disk
@@ -253,7 +256,8 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, offload_fol
         max_shard_size=args.max_shard_size,
     )
     if args.json:
-        print(json.dumps({"output": path, "perplexity": ppl, "report": report.to_dict()}, indent=2))
+        result = {"output": path, "world_size": report.world_size, "perplexity": ppl, "report": report.to_dict()}
+        print(json.dumps(result, indent=2))
     else:
         print(report)
         for name, value in ppl.items():

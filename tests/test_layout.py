@@ -26,6 +26,7 @@ ALLOWED = {
     "training": {"checkpoints", "config", "models", "oneshot", "sparsity", "utils"},
     "integrations": {"checkpoints", "config", "models", "sparsity", "training", "utils"},
     "evaluation": {"models", "oneshot", "sparsity"},
+    "launch": set(),
     "analysis": {"checkpoints", "config", "evaluation", "models", "oneshot", "sparsity", "utils"},
 }
 TOP = {"__init__", "__main__", "cli"}  # may import any part

@@ -72,6 +72,8 @@ class PruningReport:
     with `return_masks=True`."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Prunable weights of the decoder blocks left dense, with the reason (`ignore`, `targets`, `skip_incompatible`)."""
+    world_size: int = 1
+    """How many processes pruned the model together."""
     block_zeros: int = 0
     block_numel: int = 0
     """Zeros and size of every weight matrix in the decoder blocks, pruned or not (see [`overall_sparsity`])."""
@@ -94,6 +96,7 @@ class PruningReport:
             "sparsity": self.sparsity,
             "overall_sparsity": self.overall_sparsity,
             "seconds": self.seconds,
+            "world_size": self.world_size,
             "modules": {name: asdict(m) for name, m in self.modules.items()},
             "skipped": dict(self.skipped),
         }
@@ -110,6 +113,8 @@ class PruningReport:
         )
         if self.block_numel:
             lines.append(f"every weight matrix of the decoder blocks: sparsity {self.overall_sparsity:.4f}")
+        if self.world_size > 1:
+            lines.append(f"calibrated and solved by {self.world_size} processes")
         if self.skipped:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():

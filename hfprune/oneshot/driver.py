@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 
 import torch
 from torch import nn
@@ -26,13 +25,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.record import PruningReport, measure_module
 from ..config import PruningConfig
-from ..models import find_decoder_blocks, find_targets, named_block_matrices, weight_view
+from ..models import find_decoder_blocks, find_targets, in_features, named_block_matrices, weight_view
 from ..models.experts import ExpertProjection
 from ..models.offload import check_writable, onloaded
 from ..sparsity import SparsityTarget, no_tf32
 from .calibration import calibration_windows, resolve_seq_len
 from .capture import capture_block_inputs, run_block
 from .collect import ExpertCollector, StatisticCollector
+from .distributed import Ranks
 from .methods import PruningMethod, get_method
 from .statistics import STATISTIC_TYPES
 
@@ -91,7 +91,11 @@ def prune(
     for block in blocks:
         check_writable(block, offload_folder)
     report = PruningReport(
-        method=method.name, pattern=str(config.target), keep_masks={} if return_masks else None, skipped=skipped
+        method=method.name,
+        pattern=str(config.target),
+        keep_masks={} if return_masks else None,
+        skipped=skipped,
+        world_size=Ranks.current().world_size,
     )
     start = time.perf_counter()
     was_training = model.training
@@ -142,6 +146,8 @@ def _prune_calibrated(
     tokens = calibration_windows(
         calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed
     )
+    ranks = Ranks.current()
+    tokens = ranks.shard(tokens)  # (samples / world_size, seq_len) on each rank
     inputs = capture_block_inputs(
         model, blocks, tokens, config.calibration_batch_size, device, config.offload_activations
     )
@@ -152,38 +158,109 @@ def _prune_calibrated(
         try:
             with onloaded(block, device, offload_folder):  # and back home (or to its offload map) after
                 if targets:
-                    _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device)
+                    _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks)
                 # the pruned block's outputs calibrate the next block
-                if index + 1 < len(blocks):
-                    run_block(block, index, inputs, write_back=True)
+                error = None
+                try:
+                    if index + 1 < len(blocks):
+                        run_block(block, index, inputs, write_back=True)
+                except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
+                    error = e
+                ranks.check(error, f"while running decoder block {index}")
         except Exception as e:
             inputs.hidden.clear()
             raise _failed_in_block(e, index, targets, report) from e
     inputs.hidden.clear()
 
 
-def _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device) -> None:
-    r"""Collects the statistics of one block's targets in one calibration pass, then prunes them."""
-    # one statistic per distinct input tensor (modules called on the same tensor object share it), and one per
-    # expert of a fused experts module, on the tokens routed to it
+def _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks) -> None:
+    r"""Collects the statistics of one block's targets in one calibration pass, then prunes them.
+
+    Work comes in *units*: the modules that read one input tensor (q/k/v; gate/up), which share one statistic and
+    one prepared solve, and each fused expert parameter with one statistic per expert. Across processes every rank
+    sums each unit's statistics, solves the units it owns and receives the others (see [`~hfprune.oneshot.distributed`]).
+    """
     modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
     experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
     collector = StatisticCollector(modules, statistic_type, device)
     expert_collector = ExpertCollector(experts, statistic_type, device)
+    error = None
     try:
         run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
+    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
+        error = e
     finally:
         collector.remove()
         expert_collector.remove()
-    _prune_modules(modules, collector, method, config, report)
+    ranks.check(error, f"while calibrating decoder block {index}")
+    units = _units(modules, experts, collector, expert_collector, statistic_type, device, ranks)
+    for _, statistics in units:
+        for statistic, _ in statistics.values():
+            ranks.reduce_statistic(statistic)
+    error = None
+    try:
+        for unit, (names, statistics) in enumerate(units):
+            if ranks.owner(unit) == ranks.rank:
+                _solve_unit(names, statistics, targets, method, config, report)
+            statistics.clear()
+    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
+        error = e
+    ranks.check(error, f"while pruning decoder block {index}")
+    if ranks.distributed:
+        for unit, (names, _) in enumerate(units):
+            for name in names:
+                _receive(name, targets[name], ranks.owner(unit), report, ranks)
+
+
+def _units(modules, experts, collector, expert_collector, statistic_type, device, ranks):
+    r"""`[(names, {key: (statistic, label)})]` in the same order on every rank. A module no calibration token reached
+    (an expert `nn.Linear` nothing was routed to) gets an empty statistic, which falls back to magnitude pruning."""
+    leader_of = {}
+    for seen in ranks.gather_objects(collector.leader_of):
+        for name, leader in seen.items():
+            leader_of.setdefault(name, leader)
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        groups.setdefault(leader_of.get(name, name), []).append(name)
+    units = []
+    for leader, names in groups.items():
+        statistic = collector.stats.pop(leader, None) or statistic_type(in_features(modules[leader]), device)
+        statistic.tokens = ranks.reduce_count(collector.tokens.get(leader, 0), device)
+        units.append((names, {None: (statistic, names[0])}))
     for name, projection in experts.items():
-        prepared = {}
+        statistics = {}
         for expert in range(projection.num_experts):
             statistic = expert_collector.stats.pop((name, expert), None)
-            seen = expert_collector.tokens.get((name, expert), 0)
-            prepared[expert] = _prepare(method, statistic, seen, f"{name}[{expert}]", config)
-        _prune_module(name, projection, method, prepared, config, report)
-        del prepared
+            if statistic is None:
+                statistic = statistic_type(projection.view().shape[-1], device)
+            statistic.tokens = ranks.reduce_count(expert_collector.tokens.get((name, expert), 0), device)
+            statistics[expert] = (statistic, f"{name}[{expert}]")
+        units.append(([name], statistics))
+    return units
+
+
+def _solve_unit(names, statistics, targets, method, config, report) -> None:
+    r"""Prepares a unit's statistics (one SparseGPT factorisation per input) and prunes its modules."""
+    prepared = {
+        key: _prepare(method, statistic, statistic.tokens, label, config)
+        for key, (statistic, label) in statistics.items()
+    }
+    statistics.clear()  # the raw statistics are consumed: `prepare` may have freed them
+    for name in names:
+        stats = prepared if isinstance(targets[name], ExpertProjection) else prepared[None]
+        _prune_module(name, targets[name], method, stats, config, report)
+
+
+def _receive(name, target, owner: int, report: PruningReport, ranks) -> None:
+    r"""Takes module `name`'s pruned weight, keep mask and report entry from the rank that pruned it."""
+    ranks.broadcast_(target.weight.data, owner)
+    report.modules[name] = ranks.broadcast_object(report.modules.get(name), owner)
+    if report.keep_masks is not None:
+        keep = report.keep_masks.get(name)
+        if keep is None:
+            keep = torch.empty(weight_view(target).shape, dtype=torch.bool)
+        ranks.broadcast_(keep.to(target.weight.device), owner)
+        report.keep_masks[name] = keep.cpu()
 
 
 def _failed_in_block(error: Exception, index: int, targets: dict, report: PruningReport) -> Exception:
@@ -199,29 +276,9 @@ def _failed_in_block(error: Exception, index: int, targets: dict, report: Prunin
         return RuntimeError(message)
 
 
-def _prune_modules(modules, collector, method, config, report) -> None:
-    r"""Prunes `nn.Linear` / `Conv1D` targets: prepare once per input (SparseGPT: one factorisation), prune every
-    module that reads it, free the prepared statistic after its last reader."""
-    leader_of = collector.leader_of
-    prepared, members_left = {}, Counter(leader_of.values())
-    for name, module in modules.items():
-        leader = leader_of.get(name)
-        if leader is None:  # never called in the calibration pass (an expert no token was routed to)
-            _prune_module(name, module, method, _prepare(method, None, 0, name, config), config, report)
-            continue
-        if leader not in prepared:
-            # Passed as a temporary, so that `prepare` may free the raw statistic once it is consumed.
-            statistic = collector.stats.pop(leader)
-            prepared[leader] = _prepare(method, statistic, collector.tokens[leader], name, config)
-        _prune_module(name, module, method, prepared[leader], config, report)
-        members_left[leader] -= 1
-        if not members_left[leader]:
-            del prepared[leader]  # free the Hessian factor as soon as its last reader is pruned
-
-
 def _prepare(method: PruningMethod, statistic, tokens: int, name: str, config: PruningConfig):
     r"""What the kernel consumes for one input; `None` (magnitude fallback) below `min_calibration_tokens`."""
-    if statistic is None or tokens < config.min_calibration_tokens:
+    if tokens < config.min_calibration_tokens:
         logger.warning(
             f"{name} saw {tokens} calibration tokens, fewer than `min_calibration_tokens`="
             f"{config.min_calibration_tokens}: pruned by magnitude instead of {method.name}."
