@@ -6,7 +6,7 @@ The public API. Subpackages, lowest first (each imports only those before it):
 sparsity      pure mask math              utils        files, Hub uploads, processes
 config        PruningConfig               models       prunable modules, decoder blocks
 checkpoints   record, save/load, verify   oneshot      block-by-block pruning, methods
-training      PruningTrainer              integrations peft, 2:4 semi-structured
+training      PruningTrainer, -Mixin      integrations peft, 2:4 semi-structured
 evaluation    perplexity                  cli          the `hfprune` command
 ```
 """
@@ -34,7 +34,11 @@ from .version import __version__
 
 # Trainer integration imports `transformers.Trainer` (and through it accelerate and peft): load it on first use so
 # that one-shot pruning and the CLI start fast.
-_LAZY = {"GradientFlowCallback": ".training.callbacks", "PruningTrainer": ".training.trainer"}
+_LAZY = {
+    "GradientFlowCallback": ".training.callbacks",
+    "PruningMixin": ".training.trainer",
+    "PruningTrainer": ".training.trainer",
+}
 
 
 def __getattr__(name):
@@ -53,6 +57,7 @@ __all__ = [
     "HubUploadError",
     "ModuleReport",
     "PruningConfig",
+    "PruningMixin",
     "PruningReport",
     "PruningTrainer",
     "SparsityTarget",

@@ -244,7 +244,9 @@ class PruningConfig(PushToHubMixin):
                 f"({self.admm_iterations})."
             )
         if not self.admm_rho > 0 or not self.admm_dampening >= 0:
-            raise ValueError(f"`admm_rho` must be > 0 and `admm_dampening` >= 0, got {self.admm_rho}, {self.admm_dampening}.")
+            raise ValueError(
+                f"`admm_rho` must be > 0 and `admm_dampening` >= 0, got {self.admm_rho}, {self.admm_dampening}."
+            )
         if self.calibration_seq_len is not None:
             check_positive("calibration_seq_len", self.calibration_seq_len)
         uses_blocks = self.method not in ("admm", "magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)

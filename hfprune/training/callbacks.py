@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 class GradientFlowCallback(TrainerCallback):
     r"""Keeps a model sparse while a [`~transformers.Trainer`] trains it, following a [`GradientFlow`].
 
-    [`PruningTrainer`] adds one for you. With a plain `Trainer`, resuming finds the state in
-    `output_dir/checkpoint-<step>`, but saved weights are not multiplied by the final masks: call
-    `gradient_flow.finish()` (done at the end of training) before `save_model`, or use [`PruningTrainer`].
+    [`PruningTrainer`] and any trainer with [`PruningMixin`] (`class SparseSFT(PruningMixin, SFTTrainer)`) add one
+    for you. With the bare callback on a plain `Trainer`, resuming finds the state in `output_dir/checkpoint-<step>`,
+    but saved weights are not multiplied by the final masks: mid-run checkpoints hold the training state (the
+    soft-masked `W~` during an MDGF decay), and evaluation sees it too. Call `gradient_flow.finish()` (done at the
+    end of training) before `save_model`, or use [`PruningMixin`].
 
     Args:
         gradient_flow ([`GradientFlow`]): built on the unwrapped model the Trainer trains.

@@ -39,11 +39,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PruningConfig
-from ..models import ExpertProjection, find_targets, in_features
+from ..models import ExpertProjection, in_features
 from ..sparsity import SparsityTarget, nm_violations
 from .masked_weight import MaskedWeight
 from .masking import as_uint8, effective_weight, scaled_gradient, srste_gradient_
 from .schedules import Schedule, check_schedulable, pattern_at, schedule_at, sdgf_stages
+from .targets import find_training_targets, unwrap_compiled
 
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class GradientFlow:
     r"""Keeps the target modules of a model sparse while an optimizer trains them (see the module docstring).
 
     Args:
-        model (`nn.Module`): the (unwrapped) model; its `nn.Linear` / `Conv1D` modules selected by
-            `config.targets` / `config.ignore` are trained sparse.
+        model (`nn.Module`): the model (not DDP-wrapped; `torch.compile` and PEFT wrappers are fine); its
+            `nn.Linear` / `Conv1D` modules selected by `config.targets` / `config.ignore` are trained sparse. In a PEFT
+            model these are the frozen base layers, named as in the plain model
+            ([`~hfprune.training.targets.find_training_targets`]); adapters are never targets. Frozen targets allow
+            only `gradient_flow="none"`.
         config ([`PruningConfig`]): sparsity, gradient flow and schedule.
         keep_masks (`dict[str, torch.Tensor]`, *optional*):
             Known masks `{module name: bool (out, in)}`, e.g. `prune(..., return_masks=True).keep_masks`. They are
@@ -70,7 +74,7 @@ class GradientFlow:
     def __init__(self, model: nn.Module, config: PruningConfig, keep_masks: dict[str, torch.Tensor] | None = None):
         self.config = config
         self.targets: dict[str, MaskedWeight] = {}
-        for name, module in find_targets(model, config).items():
+        for name, module in find_training_targets(model, config).items():
             if isinstance(module, ExpertProjection):
                 logger.warning(f"{name}: fused expert weights are not trained sparse yet; they stay dense.")
                 continue
@@ -81,12 +85,26 @@ class GradientFlow:
             raise ValueError(
                 f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
             )
+        frozen = [name for name, entry in self.targets.items() if not entry.param.requires_grad]
+        if frozen and config.gradient_flow in LATENT_FLOWS:
+            raise ValueError(
+                f"`gradient_flow`={config.gradient_flow!r} trains the target weights through a dense latent copy, but "
+                f"{len(frozen)} of them are frozen (requires_grad=False), e.g. {frozen[0]!r}: a PEFT model trains "
+                "only its adapters. Use `gradient_flow='none'`: the frozen base keeps fixed masks (from `keep_masks`, "
+                "else magnitude) and the adapters train on the sparse base."
+            )
+        names = {id(p): n for n, p in unwrap_compiled(model).named_parameters(remove_duplicate=False)}
+        self.parameter_names: dict[str, str] = {name: names[id(e.param)] for name, e in self.targets.items()}
+        """`{target name: key of its weight in the state dict of the (uncompiled) model}`: `f"{name}.weight"` for a
+        plain model, `"base_model.model.{name}.base_layer.weight"` for a PEFT one."""
         self._set_keep_masks(keep_masks or {})
         self.max_steps: int | None = None
         self.schedule: Schedule | None = None
         self._hooks: list = []
         self._flips = torch.zeros((), dtype=torch.long)
         self._recomputed = 0
+        self.saved_weights_depth = 0
+        """How many [`~hfprune.training.evaluation.saved_weights`] blocks are open (they nest)."""
 
     # --- Trainer protocol ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,18 +231,33 @@ class GradientFlow:
         return {name: str(e.pattern) for name, e in self.targets.items() if e.pattern is not None}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], patterns: dict[str, str] | None = None) -> None:
-        r"""Restores latent weights and masks written by [`state_dict`] (the parameters take the latent weights)."""
-        missing = [f"{n}.weight" for n in self.targets if f"{n}.weight" not in state]
+    def load_state_dict(
+        self,
+        state: dict[str, torch.Tensor],
+        patterns: dict[str, str] | None = None,
+        weights_in_model: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        r"""Restores latent weights and masks written by [`state_dict`] (the parameters take the latent weights).
+
+        Args:
+            state (`dict[str, torch.Tensor]`): `{name}.weight` and `{name}.keep_mask` (`bool`, the parameter's layout).
+            patterns (`dict[str, str]`, *optional*): the pattern of each stored mask ([`pattern_dict`]).
+            weights_in_model (`list[str]`, *optional*): targets stored without a weight
+                ([`~hfprune.training.state.model_held_weights`]): their parameters already hold it, as loaded from the
+                model checkpoint.
+        """
+        from_model = set(weights_in_model)
+        missing = [f"{n}.weight" for n in self.targets if f"{n}.weight" not in state and n not in from_model]
         if missing:
             raise ValueError(f"the pruning state has no latent weights for {', '.join(missing[:3])}.")
         for name, entry in self.targets.items():
-            weight = state[f"{name}.weight"]
+            weight = state.get(f"{name}.weight", entry.param)
             if weight.shape != entry.param.shape:
                 raise ValueError(
                     f"pruning state: {name} has shape {tuple(weight.shape)}, the model {tuple(entry.param.shape)}."
                 )
-            entry.param.copy_(weight)
+            if weight is not entry.param:
+                entry.param.copy_(weight)
             entry.latent = None
             keep = state.get(f"{name}.keep_mask")
             entry.keep_mask = keep.to(entry.param.device, torch.bool) if keep is not None else None

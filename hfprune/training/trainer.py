@@ -1,4 +1,5 @@
-r"""[`PruningTrainer`]: a [`~transformers.Trainer`] that trains N:M or unstructured sparse models."""
+r"""[`PruningMixin`]: any [`~transformers.Trainer`] subclass trains N:M or unstructured sparse models;
+[`PruningTrainer`] = `PruningMixin` + `Trainer`."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from ..oneshot import prune
 from ..oneshot.calibration import resolve_seq_len
 from ..oneshot.methods import get_method
 from .callbacks import GradientFlowCallback
+from .evaluation import saved_weights
 from .gradient_flow import GradientFlow
 from .schedules import phase_boundaries
+from .targets import is_peft_model
 
 
 logger = logging.getLogger(__name__)
@@ -29,10 +32,22 @@ SHARDING_UNSUPPORTED = (
     "(out, in) weights, which FSDP shards across ranks, and DeepSpeed steps its own copy of the weights. Remove "
     "`fsdp` / `deepspeed` from the TrainingArguments (or the accelerate config) and launch with DDP."
 )
+PRUNING_TAGS = ["hfprune", "sparse"]
 
 
-class PruningTrainer(Trainer):
-    r"""A [`~transformers.Trainer`] whose model stays sparse while it trains.
+class PruningMixin:
+    r"""Makes any [`~transformers.Trainer`] subclass train a sparse model: `class SparseSFT(PruningMixin, SFTTrainer)`.
+
+    Put it first among the bases, so that its methods wrap those of the trainer. [`PruningTrainer`] is
+    `PruningMixin` + `Trainer`; with TRL:
+
+    ```python
+    >>> from trl import SFTConfig, SFTTrainer
+    >>> class SparseSFTTrainer(PruningMixin, SFTTrainer):
+    ...     pass
+    >>> trainer = SparseSFTTrainer(model, SFTConfig(...), train_dataset=text, processing_class=tokenizer,
+    ...                            pruning_config=PruningConfig(sparsity="2:4", gradient_flow="mdgf_exp"))
+    ```
 
     The target modules (`pruning_config.targets` / `ignore`; by default every `nn.Linear` but `lm_head`) train a
     dense latent weight while the forward pass sees it masked to `pruning_config.sparsity`, following
@@ -41,14 +56,31 @@ class PruningTrainer(Trainer):
     optimizer steps (`dense_fraction`, decay, `finetune_fraction`); `sparsity_schedule="cubic"` prunes gradually.
     See [`~hfprune.training.gradient_flow`] and [`~hfprune.training.schedules`].
 
-    Everything else is the `Trainer`: evaluation, gradient accumulation, mixed precision, gradient checkpointing,
-    DDP, `resume_from_checkpoint` (masks and latent weights are stored in each checkpoint), `save_model` and
-    `push_to_hub`. Saved weights are exactly sparse (multiplied by the final masks) and `pruning_config.json` is
-    written next to them. The logs gain `pruning/sparsity`, `pruning/alpha`, `pruning/n`, `pruning/m`,
-    `pruning/stage` (SDGF) and `pruning/mask_flip_rate`.
+    What the mixin adds to the trainer:
+
+    - **Saving.** `save_model`, `push_to_hub` and every mid-run checkpoint write exactly sparse weights (the latent
+      weights times the final masks, [`GradientFlow.final_keep_masks`]), `pruning_config.json` and the bit-packed
+      keep masks (`masks/keep_masks.safetensors`); each checkpoint also holds `hfprune_state.safetensors` (latent
+      weights, masks), so that `resume_from_checkpoint` continues exactly as an uninterrupted run. A model wrapped in
+      `torch.compile` saves under its plain names.
+    - **Evaluation of what is saved.** `evaluate` and `predict` (hence `metric_for_best_model` and
+      `load_best_model_at_end`) run on the weights a save at that step would write, `W * m` with the final hard
+      masks, not on the training state: during the MDGF decay the forward pass trains on
+      `W~ = W * (m + alpha (1 - m))`, during the SDGF stages on an intermediate N:M pattern, and during the dense
+      phase on `W`, none of which a checkpoint holds. The training state is restored afterwards, bit for bit.
+    - **Logs.** `pruning/sparsity`, `pruning/alpha`, `pruning/n`, `pruning/m`, `pruning/stage` (SDGF) and
+      `pruning/mask_flip_rate` join the training loss.
+    - **PEFT.** Given a `peft.PeftModel`, the targets are the frozen base layers under their plain names (`targets=
+      ["q_proj"]`, `keep_masks` from the plain model work unchanged); adapters are never pruned. The base is frozen,
+      so only `gradient_flow="none"` applies: it keeps the base weights exactly at their masks while the adapters
+      train. The saved adapter folder carries `pruning_config.json` (`"format": "adapter"`) and the base's keep
+      masks; `hfprune.merge_lora(peft_model, folder)` merges onto exactly those masks.
+
+    Everything else is the trainer's own: gradient accumulation, mixed precision, gradient checkpointing, DDP.
+    FSDP, DeepSpeed and `model_init` are refused.
 
     Args:
-        *args, **kwargs: the arguments of [`~transformers.Trainer`] (`model_init` is not supported).
+        *args, **kwargs: the arguments of the trainer class.
         pruning_config ([`PruningConfig`]):
             What to prune and how. With `method` set, the model is first pruned one-shot (SparseGPT and Wanda
             calibrate on `num_calibration_samples` windows of `calibration_seq_len` tokens from `train_dataset`).
@@ -56,18 +88,7 @@ class PruningTrainer(Trainer):
             Known masks of an already-sparse model, `{module name: bool (out, in)}`, such as
             `hfprune.prune(model, config, ..., return_masks=True).keep_masks`. Fixed masks (`gradient_flow="none"`,
             `freeze_mask`) keep them; other flows start from them.
-
-    Example:
-        ```python
-        >>> from hfprune import PruningConfig, PruningTrainer
-        >>> config = PruningConfig(sparsity="2:4", gradient_flow="mdgf_exp", finetune_fraction=0.3)
-        >>> trainer = PruningTrainer(model, args, train_dataset=train_dataset, pruning_config=config)
-        >>> trainer.train()
-        >>> trainer.save_model()  # exactly 2:4, with pruning_config.json
-        ```
     """
-
-    _tag_names: ClassVar[list[str]] = ["hfprune", "sparse"]
 
     def __init__(
         self,
@@ -78,9 +99,12 @@ class PruningTrainer(Trainer):
     ):
         if pruning_config is None:
             raise ValueError("`pruning_config` is required, e.g. `pruning_config=PruningConfig(sparsity='2:4')`.")
-        given = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments
+        try:
+            given = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
+        except TypeError:  # the trainer itself reports wrong arguments
+            given = {}
         if given.get("model_init") is not None:
-            raise ValueError("PruningTrainer does not support `model_init`: pass the model itself.")
+            raise ValueError(f"{type(self).__name__} does not support `model_init`: pass the model itself.")
         training_args = given.get("args")
         if getattr(training_args, "fsdp", None) or getattr(training_args, "deepspeed", None):
             raise ValueError(SHARDING_UNSUPPORTED)
@@ -94,12 +118,17 @@ class PruningTrainer(Trainer):
         if pruning_config.method is not None:
             if keep_masks is not None:
                 raise ValueError("pass either `keep_masks` or a one-shot `method` in the `pruning_config`, not both.")
+            if is_peft_model(self.model):
+                raise ValueError(
+                    "one-shot pruning (`method`) runs on a plain model: prune it with `hfprune.prune(model, config, "
+                    "..., return_masks=True)` before `get_peft_model`, and pass `keep_masks=report.keep_masks`."
+                )
             keep_masks = self._prune_one_shot()
         self.gradient_flow = GradientFlow(self.model, pruning_config, keep_masks)
         self.pruning_callback = GradientFlowCallback(self.gradient_flow)
         self.add_callback(self.pruning_callback)
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+            self.model.add_model_tags(PRUNING_TAGS)
 
     # why: remember the exact checkpoint folder, whose latent weights and masks the callback restores
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -110,15 +139,25 @@ class PruningTrainer(Trainer):
         self.pruning_callback.resume_from_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    # why: saved weights must be exactly sparse (latent weights times the final masks), recorded and with their masks
+    # why: evaluation must score the weights a save at this step writes, not the soft or intermediate training state
+    def evaluate(self, *args, **kwargs):
+        with saved_weights(self.gradient_flow):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with saved_weights(self.gradient_flow):
+            return super().predict(*args, **kwargs)
+
+    # why: saved weights (final model and every checkpoint) must be exactly sparse, recorded and with their masks
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         final = self.gradient_flow.final_keep_masks()
         sparse = self.gradient_flow.sparse_weights(final)
-        if state_dict is None:
+        adapter = is_peft_model(self.model)  # only the adapters are saved; the frozen base holds W * m already
+        if state_dict is None and not adapter:
             state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
             for name, weight in sparse.items():
-                state_dict[f"{name}.weight"] = weight
+                state_dict[self.gradient_flow.parameter_names[name]] = weight
         super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
             return
@@ -128,7 +167,7 @@ class PruningTrainer(Trainer):
             name: ModuleReport.measure(sparse[name], entry.target, transposed=entry.transposed)
             for name, entry in targets.items()
         }
-        write_record(output_dir, self.pruning_config, modules, format="dense")
+        write_record(output_dir, self.pruning_config, modules, format="adapter" if adapter else "dense")
 
     # why: the pruning metrics belong in the same record as the loss, which `on_log` callbacks cannot extend
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -147,6 +186,43 @@ class PruningTrainer(Trainer):
             f"one-shot {config.method} before training: {len(report.modules)} modules, sparsity {report.sparsity:.4f}"
         )
         return report.keep_masks
+
+
+class PruningTrainer(PruningMixin, Trainer):
+    r"""A [`~transformers.Trainer`] whose model stays sparse while it trains: [`PruningMixin`] + `Trainer`.
+
+    See [`PruningMixin`] for what it adds (exactly sparse saves and checkpoints, exact resume, evaluation of the
+    weights a save writes, pruning metrics in the logs, PEFT models on a sparse base).
+
+    Args:
+        *args, **kwargs: the arguments of [`~transformers.Trainer`] (`model_init` is not supported).
+        pruning_config ([`PruningConfig`]): what to prune and how.
+        keep_masks (`dict[str, torch.Tensor]`, *optional*): known masks, `{module name: bool (out, in)}`.
+
+    Example:
+        ```python
+        >>> from hfprune import PruningConfig, PruningTrainer
+        >>> config = PruningConfig(sparsity="2:4", gradient_flow="mdgf_exp", finetune_fraction=0.3)
+        >>> trainer = PruningTrainer(model, args, train_dataset=train_dataset, pruning_config=config)
+        >>> trainer.train()
+        >>> trainer.save_model()  # exactly 2:4, with pruning_config.json
+        ```
+
+        LoRA on a 2:4 base pruned one-shot:
+
+        ```python
+        >>> report = hfprune.prune(model, PruningConfig(method="wanda", sparsity="2:4"), calib, tok, return_masks=True)
+        >>> peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+        >>> config = PruningConfig(sparsity="2:4", gradient_flow="none")
+        >>> trainer = PruningTrainer(peft_model, args, train_dataset=data, pruning_config=config,
+        ...                          keep_masks=report.keep_masks)
+        >>> trainer.train()
+        >>> trainer.save_model("adapter")  # adapter weights, pruning_config.json, masks/keep_masks.safetensors
+        >>> merged = hfprune.merge_lora(peft_model, "adapter")  # exactly 2:4
+        ```
+    """
+
+    _tag_names: ClassVar[list[str]] = PRUNING_TAGS
 
 
 def _token_windows(dataset, num_samples: int, seq_len: int) -> torch.Tensor:

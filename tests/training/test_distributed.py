@@ -69,7 +69,8 @@ def test_fsdp_is_refused_on_every_rank(runs):
 
 @pytest.mark.slow
 def test_accelerate_launch_with_the_recipe_config_starts_two_ranks(tmp_path):
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "accelerate")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = os.path.join(repo, "recipes", "accelerate")
     launch = [
         sys.executable,
         "-m",
