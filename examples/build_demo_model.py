@@ -14,9 +14,11 @@ The build
    the rest to training,
 2. trains a byte-level BPE tokenizer on the training documents and saves it as a `PreTrainedTokenizerFast`,
 3. trains a `LlamaForCausalLM` (float32) with AdamW and a cosine schedule for a fixed number of steps on seeded
-   random windows of all the training text (2 CPU threads, about 8 minutes),
+   random windows of all the training text (2 CPU threads: 8 to 13 minutes on 2 cores),
 4. saves the model (float32 safetensors), the tokenizer, small excerpts of whole documents from each split
-   (`calib.txt`, `eval.txt` and `train.txt`, at most 300 kB each: the text that the demo and the recipes read), and last `build_info.json` (the completeness marker, with the perplexity on `eval.txt`).
+   (`calib.txt`, `eval.txt` and `train.txt`, at most 300 kB each: the text that the demo and the recipes read), the
+   Python license that covers the text, a `README.md`, and last `build_info.json` (the completeness marker, with the
+   perplexity on `eval.txt`).
 
 Same Python version + same seed + same thread count = same documents, same tokenizer, same data order, same
 weights. Another Python version ships other docstrings, so a rebuild there gives other text, other weights and other
@@ -37,6 +39,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import textwrap
 import time
 import tokenize
 import zlib
@@ -223,6 +226,71 @@ def train_model(ids, tokenizer, steps: int, batch_size: int, lr: float, seed: in
     return model.eval()
 
 
+def portable_tokenizer_config(output_dir: str | os.PathLike) -> None:
+    r"""Names the tokenizer class `PreTrainedTokenizerFast`, which transformers 4 and 5 both load from `tokenizer.json`.
+
+    transformers 5 saves its own class name, `TokenizersBackend`, which transformers 4 does not know; version 5 reads
+    `PreTrainedTokenizerFast` as the same class.
+    """
+    path = Path(output_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+GITATTRIBUTES = """\
+# Byte-exact on every platform: the demo's numbers depend on these files, so no line-ending conversion.
+* -text
+"""
+
+
+def model_card(info: dict) -> str:
+    r"""The folder's `README.md`: what the model is, what each file holds, and how it was built."""
+    c, size = MODEL_CONFIG, info["text_bytes"]
+    eos = EOS.replace("|", "\\|")  # a `|` inside a table cell must be escaped, even in code
+    intro = (
+        f"A {info['parameters'] / 1e6:.2f} M-parameter Llama ({c['num_hidden_layers']} blocks, hidden size "
+        f"{c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_attention_heads']} heads, vocabulary {VOCAB_SIZE}, "
+        f"{c['max_position_embeddings']} positions, embeddings tied to `lm_head`), trained from scratch in float32 for "
+        f"{info['steps']} steps of {info['batch_size']} x 256 tokens on the docstrings and comments of the Python "
+        f"{info['python']} standard library by `examples/build_demo_model.py`. It is here so that `examples/demo.py` "
+        "and the recipes in `recipes/demo-model/` run offline, on CPU, in about a minute, with the same numbers on "
+        "every machine; it is not meant for anything else."
+    )
+    rows = [
+        (
+            "`model.safetensors`, `config.json`, `generation_config.json`",
+            "the model in float32; plain `AutoModelForCausalLM.from_pretrained` loads it",
+        ),
+        (
+            "`tokenizer.json`, `tokenizer_config.json`",
+            f"byte-level BPE, {VOCAB_SIZE} tokens, `{eos}` as BOS, EOS and padding",
+        ),
+        ("`calib.txt`", f"calibration text for one-shot pruning ({size['calib']:,} bytes of whole modules)"),
+        (
+            "`eval.txt`",
+            f"held-out text ({size['eval']:,} bytes): perplexity {info['eval_perplexity']:.2f} (256-token windows)",
+        ),
+        ("`train.txt`", f"an excerpt of the training text ({size['train']:,} bytes), for the recipes' training"),
+        ("`build_info.json`", "the build's settings and results; written last, it marks a complete build"),
+        ("`LICENSE-PYTHON.txt`", "the license of the text, which comes from CPython's standard library"),
+    ]
+    table = ["| file | contents |", "| --- | --- |"] + [f"| {name} | {contents} |" for name, contents in rows]
+    splits = (
+        "The three text files hold whole modules from disjoint splits: a stable hash of the module path sends 5% of the "
+        "modules to evaluation, 10% to calibration and the rest to training."
+    )
+    rebuild = (
+        "Rebuild with `python examples/build_demo_model.py --output-dir examples/demo-model --force`. The same Python "
+        "version, seed and thread count give the same files; another Python version ships other docstrings, so its "
+        "text, weights and numbers all differ from these."
+    )
+    front = "---\nlibrary_name: transformers\ntags: [hfprune, demo]\n---"
+    paragraphs = [front, "# hfprune demo model", textwrap.fill(intro, 119), "\n".join(table)]
+    paragraphs += [textwrap.fill(splits, 119), textwrap.fill(rebuild, 119)]
+    return "\n\n".join(paragraphs) + "\n"
+
+
 def is_complete(output_dir: str | os.PathLike) -> bool:
     r"""Whether `output_dir` holds a finished build of the current recipe (the marker is written last)."""
     marker = Path(output_dir) / MARKER
@@ -297,11 +365,17 @@ def build_demo_model(
         for name, max_bytes in TEXT_BYTES.items()
     }
     eval_ppl = perplexity(model, tokenizer, [excerpts["eval"]], seq_len=256, progress=False)
+    quick_ppl = perplexity(model, tokenizer, [excerpts["eval"]], seq_len=256, max_windows=16, progress=False)
     output_dir.mkdir(parents=True)
     model.save_pretrained(output_dir)  # float32, as trained
     tokenizer.save_pretrained(output_dir)
+    portable_tokenizer_config(output_dir)
     for name, text_of_split in excerpts.items():
         (output_dir / f"{name}.txt").write_text(text_of_split, encoding="utf-8", newline="\n")
+    python_license = (Path(stdlib) if stdlib is not None else stdlib_root()) / "LICENSE.txt"
+    if python_license.is_file():  # the text is CPython's: its license travels with it
+        shutil.copyfile(python_license, output_dir / "LICENSE-PYTHON.txt")
+    (output_dir / ".gitattributes").write_text(GITATTRIBUTES)
     info = {
         "build_version": BUILD_VERSION,
         "python": sys.version.split()[0],
@@ -315,8 +389,10 @@ def build_demo_model(
         "train_tokens": ids.numel(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "eval_perplexity": round(eval_ppl, 3),
+        "eval_perplexity_16_windows": round(quick_ppl, 3),  # a quick check that a machine loads the same model
         "seconds": round(time.perf_counter() - start, 1),
     }
+    (output_dir / "README.md").write_text(model_card(info), encoding="utf-8")
     (output_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     log(f"done: held-out perplexity {eval_ppl:.2f} (vocab {len(tokenizer)}) in {output_dir}")
     return output_dir

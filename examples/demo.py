@@ -9,7 +9,7 @@ scratch on the docstrings and comments of Python's standard library (`build_demo
 calibration and evaluation text it uses. Everything runs on CPU in float32 and nothing is downloaded, so the table
 is the same on every machine; only the timings below it differ.
 
-    python examples/demo.py [--model-dir examples/demo-model] [--sparsity 2:4] [--no-magnitude]
+    python examples/demo.py [--model-dir examples/demo-model] [--sparsity 2:4] [--no-magnitude] [--threads 1]
 """
 
 import argparse
@@ -31,8 +31,11 @@ def main() -> None:
     parser.add_argument("--model-dir", default=str(SHIPPED_DIR), help="a demo-model folder (default: the shipped one)")
     parser.add_argument("--sparsity", default="2:4", help="an N:M pattern such as 2:4, or a fraction such as 0.5")
     parser.add_argument("--no-magnitude", action="store_true", help="skip the magnitude-pruning contrast")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 and 2 print the same table)")
     args = parser.parse_args()
     logging.disable_progress_bar()
+    # One thread by default: on a busy 2-core machine two threads made the demo 3 times slower (they wait on each other).
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     # 1. The demo model, its tokenizer, and the text it is calibrated and evaluated on.

@@ -89,7 +89,12 @@ def main() -> None:
     # 6. Held-out perplexity of the sparse model
     if model_args.eval_file:
         ppl = hfprune.perplexity(
-            trainer.model, tokenizer, model_args.eval_file, seq_len=256, max_windows=model_args.eval_windows
+            trainer.model,
+            tokenizer,
+            model_args.eval_file,
+            seq_len=256,
+            max_windows=model_args.eval_windows,
+            progress=not training_args.disable_tqdm,
         )
         print(f"perplexity on {model_args.eval_file}: {ppl:.2f}")
 

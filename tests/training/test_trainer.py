@@ -450,7 +450,7 @@ def test_fsdp_is_refused_with_a_clear_error(tiny_model, data, tmp_path):
 
 
 # --- recipes and the example ----------------------------------------------------------------------------------------
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = sorted(
     os.path.join(root, name)
     for root, _, names in os.walk(os.path.join(REPO, "recipes"))
