@@ -29,6 +29,7 @@ from .integrations import merge_lora, to_semi_structured
 from .oneshot import prune
 from .oneshot.methods import METHODS, register_method
 from .sparsity import SparsityTarget, nm_keep_mask, unstructured_keep_mask
+from .structured import StructuredReport, prune_structured, reinit_like, save_structured
 from .version import __version__
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "PruningReport",
     "PruningTrainer",
     "SparsityTarget",
+    "StructuredReport",
     "VerificationResult",
     "__version__",
     "create_model_card",
@@ -70,9 +72,12 @@ __all__ = [
     "nm_keep_mask",
     "perplexity",
     "prune",
+    "prune_structured",
     "push_to_hub",
     "register_method",
+    "reinit_like",
     "save_pruned",
+    "save_structured",
     "sparsity_report",
     "to_semi_structured",
     "unstructured_keep_mask",

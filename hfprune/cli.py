@@ -10,21 +10,22 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
-import shutil
 import sys
-import tempfile
 import typing
 from typing import Any
 
 from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
-from .config import CONFIG_NAME, ONESHOT_METHODS, PruningConfig
-from .launch import barrier, process_group
+from .cli_prune import cmd_prune
+from .cli_utils import CLIError, load_model
+from .config import CONFIG_NAME, ONESHOT_METHODS, STRUCTURED_METHODS, PruningConfig
+from .launch import process_group
 
 
 # Fields of PruningConfig that `hfprune prune` exposes, and their short aliases.
 PRUNE_FIELDS = (
     "method",
+    "structure",
+    "reinit",
     "sparsity",
     "targets",
     "ignore",
@@ -47,10 +48,6 @@ ALIASES = {
     "pruning_device": "--device",
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class CLIError(Exception):
-    r"""A user error: printed as one line without a traceback, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,128 +139,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "sparsity_overrides":
             kwargs.update(type=json.loads, metavar="JSON")
         elif name == "method":
-            kwargs.update(choices=ONESHOT_METHODS, required=True)
+            kwargs.update(choices=sorted(set(ONESHOT_METHODS) | set(STRUCTURED_METHODS)), required=True)
             kwargs.pop("default")
         else:
             kwargs["type"] = scalar if scalar in (int, float) else str
         parser.add_argument(*flags, **kwargs)
-
-
-def _config_from_args(args: argparse.Namespace) -> PruningConfig:
-    return PruningConfig(**{name: getattr(args, name) for name in PRUNE_FIELDS if hasattr(args, name)})
-
-
-def _load(model_path: str, dtype: str = "auto", quiet: bool = False, offload_folder: str | None = None):
-    r"""The model and its tokenizer; with `offload_folder`, every weight stays on disk and is read when used."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from .checkpoints import load_pretrained
-
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    streaming = {}
-    if offload_folder:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .models import find_decoder_blocks
-        from .models.offload import streaming_device_map
-
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-        blocks_path, blocks = find_decoder_blocks(skeleton)
-        device_map = streaming_device_map(skeleton, blocks_path, len(blocks))
-        streaming = {"device_map": device_map, "offload_folder": offload_folder}
-    model = load_pretrained(model_path, dtype=torch_dtype, **streaming)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)  # validate everything before loading anything
-    if config.method != "magnitude" and not args.calibration:
-        raise CLIError(f"--method {config.method} needs --calibration (a text file, dataset folder or name)")
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CLIError(f"--output {args.output} exists and is not empty; pass --overwrite to replace it")
-    barrier()  # several ranks: all have checked the output folder before rank 0 can write it
-    offload_folder = None
-    if not args.no_stream and _is_safetensors_folder(args.model):
-        # pruned blocks wait here until the output is written; beside the output, so on the same disk
-        parent = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(parent, exist_ok=True)
-        offload_folder = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(os.path.abspath(args.output))}.offload-", dir=parent
-        )
-    try:
-        return _prune_and_save(args, config, offload_folder)
-    finally:
-        if offload_folder is not None:
-            shutil.rmtree(offload_folder, ignore_errors=True)
-
-
-def _is_safetensors_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(name.endswith(".safetensors") for name in os.listdir(path))
-
-
-def _prune_and_save(args: argparse.Namespace, config: PruningConfig, offload_folder: str | None) -> int:
-    from .checkpoints import save_pruned
-    from .evaluation import perplexity
-    from .oneshot import prune
-
-    model, tokenizer = _load(args.model, args.dtype, args.quiet, offload_folder)
-    if tokenizer is None and (args.calibration or args.eval_data):
-        raise CLIError(f"no tokenizer found in {args.model}; calibration and evaluation text need one")
-
-    def measure():
-        return perplexity(
-            model,
-            tokenizer,
-            args.eval_data,
-            seq_len=config.calibration_seq_len,
-            max_windows=args.eval_max_windows,
-            device=config.pruning_device,
-            progress=not args.quiet,
-        )
-
-    ppl = {"dense": measure()} if args.eval_data else {}
-    report = prune(model, config, args.calibration, tokenizer, progress=not args.quiet, offload_folder=offload_folder)
-    if args.eval_data:
-        ppl["pruned"] = measure()
-    card = {
-        "base_model": args.model,
-        "calibration": args.calibration,
-        "command": "hfprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None,
-    }
-    if ppl:
-        card["perplexity"] = ppl
-        card["eval_data"] = args.eval_data
-    path = save_pruned(
-        model,
-        args.output,
-        config,
-        report,
-        tokenizer,
-        overwrite=args.overwrite,
-        format=args.format,
-        model_card_info=card,
-        push_to_hub=args.push_to_hub,
-        max_shard_size=args.max_shard_size,
-    )
-    if args.json:
-        result = {"output": path, "world_size": report.world_size, "perplexity": ppl, "report": report.to_dict()}
-        print(json.dumps(result, indent=2))
-    else:
-        print(report)
-        for name, value in ppl.items():
-            print(f"perplexity ({name}): {value:.3f}")
-        print(f"saved to {path}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -273,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_tasks(args)
     if not args.data:
         raise CLIError("give `--data` (perplexity on a text) or `--tasks` (zero-shot accuracy with lm-eval).")
-    model, tokenizer = _load(args.model, args.dtype, args.quiet)
+    model, tokenizer = load_model(args.model, args.dtype, args.quiet)
     if tokenizer is None:
         raise CLIError(f"no tokenizer found in {args.model}")
     value = perplexity(
@@ -294,17 +174,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .checkpoints import verify
+    from .checkpoints import read_record, verify
 
+    record = read_record(args.model) if os.path.isdir(args.model) else None
+    if record is not None and record.get("format") == "structured":
+        return _verify_structured(args, record)
     result = verify(args.model)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0 if result.ok else 1
 
 
+def _verify_structured(args: argparse.Namespace, record: dict) -> int:
+    r"""A structured checkpoint: file checksums, and every block's widths against the kept indices of the record."""
+    from .checkpoints import load_pretrained
+    from .structured import check_record
+    from .utils.files import check_files
+
+    problems = [f"{name}: {problem}" for name, problem in check_files(args.model, record.get("files")).items()]
+    if not problems:
+        problems = check_record(load_pretrained(args.model, verify_on_load=False), record["structured"])
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+    else:
+        print("OK: the model has the recorded structure." if not problems else "FAILED:\n" + "\n".join(problems))
+    return 0 if not problems else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .evaluation import sparsity_report
 
-    model, _ = _load(args.model, args.dtype, args.quiet)
+    model, _ = load_model(args.model, args.dtype, args.quiet)
     report = sparsity_report(model)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -25,6 +25,9 @@ ONESHOT_METHODS = ("admm", "magnitude", "sparsegpt", "wanda")
 GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
 SPARSITY_SCHEDULES = ("constant", "cubic")
 MDGF_BACKWARDS = ("ste", "scaled")
+STRUCTURED_METHODS = ("magnitude", "sparsegpt", "taylor", "wanda")  # importance criteria of structured pruning
+STRUCTURE_KEYS = ("mlp", "heads", "blocks", "gqa")
+GQA_MODES = ("query", "kv")
 # lm_head, MoE routers (`mlp.gate` in Mixtral, Qwen-MoE, OLMoE, DeepSeek; `router` and `router.layer`) and
 # shared-expert gates (Qwen2-MoE): small matrices that decide where tokens go.
 DEFAULT_IGNORE = ("lm_head", "gate", "shared_expert_gate", r".*\.router(\..+)?")
@@ -52,6 +55,20 @@ class PruningConfig(PushToHubMixin):
         metadata={
             "help": "One-shot method: 'sparsegpt', 'admm', 'wanda' or 'magnitude'. Required by `hfprune.prune`; in "
             "PruningTrainer it prunes once before training starts (leave unset to start from the dense model)."
+        },
+    )
+    structure: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Structured pruning instead of sparsity: remove whole parts, e.g. 'mlp=0.5,heads=0.25,blocks=1' "
+            "(fractions of MLP channels and attention heads removed from every block, and a number of blocks; "
+            "'gqa=query|kv' chooses how grouped-query heads go). The result is a smaller standard model."
+        },
+    )
+    reinit: bool = field(
+        default=False,
+        metadata={
+            "help": "Structured pruning: re-initialize the pruned architecture (the train-from-scratch baseline)."
         },
     )
     sparsity: str = field(
@@ -213,10 +230,15 @@ class PruningConfig(PushToHubMixin):
         if not isinstance(self.sparsity, str):
             self.sparsity = str(self.sparsity)
         self.target = SparsityTarget.parse(self.sparsity, field="sparsity")
+        self.structure = parse_structure(self.structure) if self.structure else None
         if self.method is not None:
             self.method = self.method.lower()
-            if self.method not in ONESHOT_METHODS:
-                raise ValueError(f"`method`={self.method!r} is unknown; choose one of {', '.join(ONESHOT_METHODS)}.")
+            choices = STRUCTURED_METHODS if self.structure else ONESHOT_METHODS
+            if self.method not in choices:
+                raise ValueError(
+                    f"`method`={self.method!r} is unknown{' for `structure`' if self.structure else ''}; choose one "
+                    f"of {', '.join(choices)}."
+                )
         check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
         check_choice("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES)
         check_choice("mdgf_backward", self.mdgf_backward, MDGF_BACKWARDS)
@@ -348,3 +370,30 @@ class PruningConfig(PushToHubMixin):
             file = hf_hub_download(path, CONFIG_NAME, **kwargs)
         with open(file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def parse_structure(structure: dict | str | None) -> dict:
+    r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`, int `blocks` and `gqa` or `None`."""
+    if structure is None:
+        structure = {}
+    if isinstance(structure, str):
+        pairs = [item.split("=", 1) for item in structure.replace(" ", "").split(",") if item]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"`structure` must look like 'mlp=0.5,heads=0.25,blocks=1', got {structure!r}.")
+        structure = dict(pairs)
+    unknown = sorted(set(structure) - set(STRUCTURE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown `structure` keys {unknown}; use {list(STRUCTURE_KEYS)}.")
+    parsed = {"mlp": float(structure.get("mlp", 0.0)), "heads": float(structure.get("heads", 0.0))}
+    for key in ("mlp", "heads"):
+        if not 0.0 <= parsed[key] < 1.0:
+            raise ValueError(f"`structure['{key}']` is the fraction removed; it must be in [0, 1), got {parsed[key]}.")
+    blocks = float(structure.get("blocks", 0))
+    if blocks != int(blocks) or blocks < 0:
+        raise ValueError(f"`structure['blocks']` is a number of blocks, a whole number >= 0; got {blocks}.")
+    parsed["blocks"] = int(blocks)
+    gqa = structure.get("gqa")
+    if gqa is not None and gqa not in GQA_MODES:
+        raise ValueError(f"`structure['gqa']` must be one of {GQA_MODES}, got {gqa!r}.")
+    parsed["gqa"] = gqa
+    return parsed

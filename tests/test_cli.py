@@ -217,3 +217,37 @@ def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path,
         "streamed",
         "tiny-llama",
     ]  # no offload folder left
+
+
+def test_structure_gives_a_smaller_standard_model(capsys, tmp_path, model_dir, text_file):
+    out_dir = tmp_path / "smaller"
+    code, out, _ = run(
+        capsys, "prune", model_dir, "--structure", "mlp=0.5,blocks=1", "--method", "sparsegpt", "--calibration",
+        text_file, "--num-samples", 4, "--seq-len", 32, "--output", out_dir, "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)  # plain transformers, a standard config
+    assert model.config.intermediate_size == 64 and model.config.num_hidden_layers == 1
+    assert sum(p.numel() for p in model.parameters()) == result["parameters"]
+    record = json.loads((out_dir / "pruning_config.json").read_text())
+    assert record["format"] == "structured" and len(record["structured"]["removed_blocks"]) == 1
+    assert "structured-pruning" in (out_dir / "README.md").read_text()
+    assert run(capsys, "verify", out_dir)[0] == 0
+    # a checkpoint whose weights no longer match the record fails verification
+    config = json.loads((out_dir / "config.json").read_text())
+    weights = load_file(out_dir / "model.safetensors")
+    key = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
+    weights[key] = torch.cat([weights[key], weights[key]])
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config["intermediate_size"] = 128
+    (out_dir / "config.json").write_text(json.dumps(config))
+    code, out, _ = run(capsys, "verify", out_dir)
+    assert code == 1 and "FAILED" in out
+
+
+def test_one_shot_prune_refuses_a_structure_config(tiny_model):
+    import hfprune
+
+    with pytest.raises(ValueError, match="use `hfprune.prune_structured"):
+        hfprune.prune(tiny_model("llama"), hfprune.PruningConfig(method="magnitude", structure="mlp=0.5"))

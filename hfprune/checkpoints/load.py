@@ -70,7 +70,12 @@ def load_pretrained(path: str | os.PathLike, *, verify_on_load: bool = True, mod
             raise ValueError(f"{path}: the compact weights do not match {model_class.__name__}: {missing}")
         if os.path.isfile(os.path.join(path, "generation_config.json")) and model.can_generate():
             model.generation_config = GenerationConfig.from_pretrained(path)
-    elif fmt == "dense":
+    elif fmt == "adapter":
+        raise ValueError(
+            f"{path} holds PEFT adapter weights trained on a sparse base: load the base model, then "
+            "`peft.PeftModel.from_pretrained(base, path)`, and merge with `hfprune.merge_lora(model, path)`."
+        )
+    elif fmt in ("dense", "structured"):  # plain safetensors weights
         files = os.listdir(path)
         if not any(f.endswith(".safetensors") for f in files):
             pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]

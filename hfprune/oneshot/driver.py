@@ -78,6 +78,11 @@ def prune(
     """
     if config.method is None:
         raise ValueError("`method` is not set; use PruningConfig(method='sparsegpt' | 'wanda' | 'magnitude', ...).")
+    if config.structure:
+        raise ValueError(
+            "`structure` is set: that is structured pruning, which makes the model smaller instead of sparse; use "
+            "`hfprune.prune_structured(model, config, calibration, tokenizer)`."
+        )
     method = get_method(config.method)
     blocks_path, blocks = find_decoder_blocks(model)
     skipped: dict[str, str] = {}

@@ -1,0 +1,67 @@
+r"""Structured pruning: remove attention heads, MLP channels and whole decoder blocks, and save a standard, smaller
+dense model that plain `AutoModelForCausalLM.from_pretrained` loads.
+
+May import: `hfprune.models`, `hfprune.oneshot` (block input capture, statistics, calibration data). Never
+`hfprune.training` or `hfprune.cli`.
+
+```
+groups.py       coupled units: which rows and columns of which modules make one MLP channel or attention head
+plan.py         what a `structure` removes, checked against the architecture's config before anything is touched
+shrink.py       slicing modules, removing blocks, writing the new widths into the config
+importance.py   magnitude / wanda / taylor scores per unit (pure), and the calibration gradient pass
+obs.py          OBS removal of column groups with reconstruction of the layer's output (pure)
+driver.py       prune_structured(): block by block, like one-shot pruning; reinit_like()
+record.py       the saved record against a model: check_record() for verify, apply_record() to re-apply it
+```
+"""
+
+from .driver import StructuredReport, block_angular_distances, prune_structured, reinit_like
+from .groups import BLOCK_LAYOUTS, BlockLayout, CoupledGroups, Member, find_layout, head_groups, mlp_groups
+from .importance import (
+    IMPORTANCE_METHODS,
+    calibration_gradients,
+    group_importance,
+    keep_units_from_scores,
+    magnitude_importance,
+    taylor_importance,
+    wanda_importance,
+)
+from .obs import ObsResult, obs_remove_units
+from .plan import StructurePlan, parse_structure, plan_structure
+from .record import apply_record, check_record
+from .save import save_structured
+from .shrink import apply_config, remove_blocks, shrink_groups, shrink_module
+
+
+__all__ = [
+    "BLOCK_LAYOUTS",
+    "IMPORTANCE_METHODS",
+    "BlockLayout",
+    "CoupledGroups",
+    "Member",
+    "ObsResult",
+    "StructurePlan",
+    "StructuredReport",
+    "apply_config",
+    "apply_record",
+    "block_angular_distances",
+    "calibration_gradients",
+    "check_record",
+    "find_layout",
+    "group_importance",
+    "head_groups",
+    "keep_units_from_scores",
+    "magnitude_importance",
+    "mlp_groups",
+    "obs_remove_units",
+    "parse_structure",
+    "plan_structure",
+    "prune_structured",
+    "reinit_like",
+    "remove_blocks",
+    "save_structured",
+    "shrink_groups",
+    "shrink_module",
+    "taylor_importance",
+    "wanda_importance",
+]

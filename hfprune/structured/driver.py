@@ -1,0 +1,320 @@
+r"""Structured pruning of a causal LM, block by block: fewer heads, MLP channels and blocks, in a standard config.
+
+```
+tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [block L-1]
+ pass 1 (blocks > 0):   angular distance between each dense block's input and output (ShortGPT); drop the lowest
+ pass 2, each block:    heads: collect statistics ─► score or OBS ─► shrink q/k/v/o
+                        mlp:   collect statistics on the head-pruned block ─► score or OBS ─► shrink gate/up/down
+                        run the shrunken block ─► inputs of the next block
+```
+
+`magnitude` and `taylor` need no per-block statistics (`taylor` runs one backward pass over the whole model first).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PruningConfig
+from ..models.blocks import find_decoder_blocks
+from ..models.offload import is_offloaded, onloaded
+from ..oneshot.calibration import calibration_windows, resolve_seq_len
+from ..oneshot.capture import BlockInputs, capture_block_inputs, run_block
+from ..oneshot.statistics import HessianStatistic, InputNormStatistic
+from .groups import BlockLayout, CoupledGroups, find_layout, head_groups, mlp_groups, weight_view
+from .importance import IMPORTANCE_METHODS, calibration_gradients, group_importance, keep_units_from_scores
+from .obs import obs_remove_units
+from .plan import StructurePlan, parse_structure, plan_structure
+from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
+
+
+@dataclass
+class StructuredReport:
+    r"""What [`prune_structured`] removed, for `pruning_config.json`.
+
+    Args:
+        structure (`dict`): the parsed structure (`mlp`, `heads`, `blocks`, `gqa`).
+        method (`str`): the importance criterion.
+        head_mode (`str`, *optional*): `"query"` or `"kv"` when heads were removed.
+        num_blocks (`int`): decoder blocks before pruning.
+        removed_blocks (`list[int]`): original indices of the removed blocks.
+        block_distances (`list[float]`): the angular distance of every original block (when blocks were removed).
+        layers (`dict[int, dict]`): by *original* block index, the kept `mlp_channels`, `heads` and `kv_heads`
+            (indices into the dense block).
+        errors (`dict[str, float]`): OBS output error per `"<block>.<part>"` (`sparsegpt`).
+        config (`dict`): the config fields after pruning.
+        seconds (`float`): wall time.
+    """
+
+    structure: dict
+    method: str
+    head_mode: str | None = None
+    num_blocks: int = 0
+    removed_blocks: list[int] = field(default_factory=list)
+    block_distances: list[float] = field(default_factory=list)
+    layers: dict[int, dict] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record["layers"] = {str(i): v for i, v in self.layers.items()}
+        return record
+
+
+def prune_structured(
+    model: nn.Module,
+    structure: dict | str | PruningConfig,
+    method: str | None = None,
+    calibration=None,
+    tokenizer=None,
+    *,
+    num_calibration_samples: int = 128,
+    calibration_seq_len: int | None = None,
+    batch_size: int = 8,
+    dampening: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    reinit: bool = False,
+) -> StructuredReport:
+    r"""Removes attention heads, MLP channels and whole blocks from `model` in place, with a config to match.
+
+    Args:
+        model (`transformers.PreTrainedModel`): a causal LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, OPT,
+            GPT-NeoX).
+        structure (`dict`, `str` or [`PruningConfig`]): e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}`; see
+            [`~hfprune.config.parse_structure`]. A `PruningConfig` with `structure` set supplies it and every
+            setting below (`method`, the calibration fields, `dampening`, `pruning_device`, `reinit`).
+        method (`str`): `"magnitude"`, `"wanda"`, `"taylor"` or `"sparsegpt"` (OBS removal with reconstruction).
+        calibration (*optional*): what [`~hfprune.oneshot.calibration.calibration_windows`] reads: text file,
+            dataset, strings, or a `LongTensor` of ids `(samples, seq_len)`. Needed unless `method="magnitude"`
+            and no blocks are removed.
+        tokenizer (*optional*): to tokenize `calibration` text.
+        num_calibration_samples (`int`, *optional*, defaults to `128`): calibration windows.
+        calibration_seq_len (`int`, *optional*): tokens per window; by default the tensor's width or the model's.
+        batch_size (`int`, *optional*, defaults to `8`): windows per forward pass.
+        dampening (`float`, *optional*, defaults to `0.01`): OBS dampening, `λ = dampening · mean(diag H)`.
+        seed (`int`, *optional*, defaults to `0`): seed of the calibration windows and of `reinit`.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar over blocks.
+        device (`str` or `torch.device`, *optional*): where each block is calibrated; CUDA when available.
+        reinit (`bool`, *optional*, defaults to `False`): re-initialize every weight of the pruned architecture
+            afterwards ("Rethinking the Value of Network Pruning" baseline); see [`reinit_like`].
+
+    Returns:
+        [`StructuredReport`]: kept indices per block, removed blocks, errors and the new config fields.
+
+    Example:
+        ```python
+        >>> from hfprune.structured import prune_structured
+        >>> report = prune_structured(model, {"mlp": 0.5, "heads": 0.25}, "sparsegpt", "calib.txt", tokenizer)
+        >>> model.save_pretrained("pruned")  # loads with plain AutoModelForCausalLM.from_pretrained
+        ```
+    """
+    if isinstance(structure, PruningConfig):
+        config = structure
+        if config.structure is None:
+            raise ValueError("the `PruningConfig` has no `structure`; set e.g. `structure='mlp=0.5'`.")
+        return prune_structured(
+            model, config.structure, method or config.method, calibration, tokenizer,
+            num_calibration_samples=config.num_calibration_samples, calibration_seq_len=config.calibration_seq_len,
+            batch_size=config.calibration_batch_size, dampening=config.dampening, seed=config.calibration_seed,
+            progress=progress, device=device or config.pruning_device, reinit=reinit or config.reinit,
+        )  # fmt: skip
+    if method not in IMPORTANCE_METHODS:
+        raise ValueError(f"`method`={method!r} is not a structured method; use one of {IMPORTANCE_METHODS}.")
+    start = time.perf_counter()
+    parsed = parse_structure(structure)
+    if is_offloaded(model):
+        raise ValueError(
+            "structured pruning changes the shapes of the weights, which offloaded blocks (a `device_map` with CPU "
+            "or disk offload) cannot take; load the model on one device."
+        )
+    blocks_path, blocks = find_decoder_blocks(model)
+    layouts = {find_layout(block, f"{blocks_path}.{i}") for i, block in enumerate(blocks)}
+    if len(layouts) != 1:
+        raise ValueError(f"the blocks of {type(model).__name__} mix layouts {sorted(x.name for x in layouts)}.")
+    layout = layouts.pop()
+    channels = mlp_groups(blocks[0], layout).num_units
+    plan = plan_structure(model.config, layout, channels, len(blocks), parsed)
+    report = StructuredReport(parsed, method, plan.head_mode, len(blocks))
+    device = torch.device(device) if device is not None else _default_device()
+
+    tokens = None
+    calibrated = method in ("wanda", "sparsegpt") and (plan.mlp_remove or plan.heads_remove)
+    if calibrated or plan.blocks_remove or method == "taylor":
+        if calibration is None:
+            raise ValueError(f"`method`={method!r} with this structure needs calibration data; pass `calibration=`.")
+        requested = calibration_seq_len
+        if requested is None and isinstance(calibration, torch.Tensor):
+            requested = calibration.shape[-1]
+        seq_len = resolve_seq_len(model, requested)
+        tokens = calibration_windows(calibration, tokenizer, num_calibration_samples, seq_len, seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        kept = list(range(len(blocks)))
+        if plan.blocks_remove:
+            with torch.no_grad():
+                distances = block_angular_distances(model, blocks, tokens, batch_size, device)
+            report.block_distances = distances
+            report.removed_blocks = sorted(torch.tensor(distances).argsort(stable=True)[: plan.blocks_remove].tolist())
+            kept = remove_blocks(model, blocks_path, report.removed_blocks)
+            blocks = find_decoder_blocks(model)[1]
+        grads = None
+        if method == "taylor" and (plan.mlp_remove or plan.heads_remove):
+            modules = [m.module for b in blocks for g in _groups(b, layout, model.config, plan) for m in g.members]
+            grads = calibration_gradients(model, tokens, modules, batch_size)
+        with torch.no_grad():
+            if plan.mlp_remove or plan.heads_remove:
+                inputs = capture_block_inputs(model, blocks, tokens, batch_size, device) if calibrated else None
+                iterator = tqdm(range(len(blocks)), desc=f"structured {method}", disable=not progress, unit="block")
+                run = _Run(layout, model.config, plan, method, dampening, device, inputs, grads, report)
+                for index in iterator:
+                    _prune_block(run, index, kept[index], blocks[index])
+            apply_config(model, blocks, layout, plan.head_mode)
+    finally:
+        model.train(was_training)
+    if reinit:
+        model.load_state_dict(reinit_like(model, seed=seed).state_dict())
+    report.config = _config_fields(model.config, layout)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def block_angular_distances(
+    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
+) -> list[float]:
+    r"""ShortGPT-style importance of each block: `mean_t arccos(cos(x_in_t, x_out_t)) / π` over calibration tokens.
+
+    A block whose output points where its input did (distance near 0) changes little and is removed first.
+    """
+    inputs = capture_block_inputs(model, blocks, tokens, batch_size, device)
+    distances = []
+    for index, block in enumerate(blocks):
+        before = list(inputs.hidden)
+        with onloaded(block, device):
+            run_block(block, index, inputs, write_back=True)
+        total, count = 0.0, 0
+        for x, y in zip(before, inputs.hidden, strict=True):
+            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).clamp(-1.0, 1.0)  # (batch, seq)
+            total += float(torch.arccos(cos).sum()) / torch.pi
+            count += cos.numel()
+        distances.append(total / max(count, 1))
+    inputs.hidden.clear()
+    return distances
+
+
+def reinit_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    r"""A new model of the same (pruned) architecture and dtype, with fresh weights from its own initialization.
+
+    This is the baseline of "Rethinking the Value of Network Pruning" (Liu et al., ICLR 2019): train it for the
+    same budget as the fine-tuned pruned model.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        fresh = type(model)(model.config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    fresh.train(model.training)
+    reference = next(model.parameters())
+    return fresh.to(dtype=reference.dtype, device=reference.device)
+
+
+@dataclass
+class _Run:
+    layout: BlockLayout
+    config: object
+    plan: StructurePlan
+    method: str
+    dampening: float
+    device: torch.device
+    inputs: BlockInputs | None
+    grads: dict | None
+    report: StructuredReport
+
+
+def _prune_block(run: _Run, index: int, original: int, block: nn.Module) -> None:
+    with onloaded(block, run.device):  # and back home after
+        _prune_onloaded_block(run, index, original, block)
+
+
+def _prune_onloaded_block(run: _Run, index: int, original: int, block: nn.Module) -> None:
+    layout, plan, method, inputs, device, report = run.layout, run.plan, run.method, run.inputs, run.device, run.report
+    record = report.layers.setdefault(original, {})
+    for groups in _groups(block, layout, run.config, plan):
+        num_remove = plan.units_remove if groups.kind == "heads" else plan.mlp_remove
+        stats = _collect(block, index, groups, method, inputs, device) if inputs is not None else {}
+        if method == "sparsegpt":
+            consumer = weight_view(groups.consumer.module)
+            H = stats[id(groups.consumer.module)]
+            result = obs_remove_units(
+                consumer, H, groups.consumer.width, num_remove, groups.num_buckets, run.dampening
+            )
+            consumer.copy_(result.weight)
+            keep, report.errors[f"{original}.{groups.kind}"] = result.keep_units, result.error
+        else:
+            scores = group_importance(groups, method, stats, run.grads)
+            keep = keep_units_from_scores(scores, num_remove, groups.num_buckets)
+        shrink_groups(groups, keep)
+        if groups.kind == "heads":
+            shrink_attention_module(block.get_submodule(layout.o.rpartition(".")[0]), *plan.kept_heads)
+            record.update(_kept_heads(keep.tolist(), plan))
+        else:
+            record["mlp_channels"] = keep.tolist()
+    if inputs is not None:
+        run_block(block, index, inputs, write_back=True)
+
+
+def _groups(block, layout, config, plan: StructurePlan) -> list[CoupledGroups]:
+    groups = []
+    if plan.heads_remove:
+        groups.append(head_groups(block, layout, config, plan.head_mode))
+    if plan.mlp_remove:
+        groups.append(mlp_groups(block, layout))
+    return groups
+
+
+def _collect(block, index: int, groups: CoupledGroups, method: str, inputs: BlockInputs, device) -> dict:
+    r"""`id(module) -> statistic` from one pass of the calibration batches: input norms (wanda) or the consumer's
+    Hessian (sparsegpt)."""
+    if method == "sparsegpt":
+        modules = [groups.consumer.module]
+        make = HessianStatistic
+    else:
+        modules = list({id(m.module): m.module for m in groups.members}.values())
+        make = InputNormStatistic
+    stats = {id(m): make(weight_view(m).shape[1], device) for m in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, args: stats[id(mod)].update(args[0])) for m in modules]
+    try:
+        run_block(block, index, inputs, write_back=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if method == "sparsegpt":
+        return {key: stat.result() for key, stat in stats.items()}
+    return {key: stat.result().sqrt() for key, stat in stats.items()}  # squared norms -> ‖X_j‖₂
+
+
+def _kept_heads(keep: list[int], plan: StructurePlan) -> dict:
+    ratio = plan.heads // plan.kv_heads
+    if plan.head_mode == "kv":
+        return {"heads": [g * ratio + j for g in keep for j in range(ratio)], "kv_heads": keep}
+    return {"heads": keep, "kv_heads": list(range(plan.kv_heads))}
+
+
+def _config_fields(config, layout) -> dict:
+    names = ("num_hidden_layers", layout.mlp_field, "num_attention_heads", "num_key_value_heads", "head_dim")
+    return {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,78 @@
+r"""The record of a structured pruning run ([`StructuredReport.to_dict`]) against a model: check shapes, or re-apply it.
+
+```
+{"structure": {"mlp": 0.5, "heads": 0.5, "blocks": 1, "gqa": null}, "method": "sparsegpt", "head_mode": "query",
+ "num_blocks": 4, "removed_blocks": [2], "block_distances": [...],
+ "layers": {"0": {"heads": [1, 3], "kv_heads": [0, 1, 2, 3], "mlp_channels": [0, 2, ...]}, "1": {...}, "3": {...}},
+ "errors": {"0.heads": 0.01, ...}, "config": {"num_hidden_layers": 3, "intermediate_size": 352, ...}, "seconds": 4.2}
+```
+
+`layers` is keyed by the *original* block index; indices are into the dense block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.blocks import find_decoder_blocks
+from .groups import find_layout, head_groups, head_shape, mlp_groups, weight_view
+from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
+
+
+def check_record(model: nn.Module, record: dict) -> list[str]:
+    r"""Where a pruned `model` disagrees with `record`: block count, config fields, per-block MLP channels and heads.
+
+    Returns the disagreements as sentences; an empty list when the model matches.
+    """
+    problems = []
+    _, blocks = find_decoder_blocks(model)
+    layout = find_layout(blocks[0])
+    expected_blocks = record["num_blocks"] - len(record["removed_blocks"])
+    if len(blocks) != expected_blocks:
+        problems.append(f"{len(blocks)} decoder blocks, the record says {expected_blocks}")
+    for name, value in record.get("config", {}).items():
+        if getattr(model.config, name, None) != value:
+            problems.append(f"config.{name} is {getattr(model.config, name, None)}, the record says {value}")
+    kept = [i for i in range(record["num_blocks"]) if i not in set(record["removed_blocks"])]
+    head_dim = head_shape(model.config, layout)[2]
+    for block, original in zip(blocks, kept, strict=False):
+        entry = record["layers"].get(str(original), {})
+        channels = weight_view(block.get_submodule(layout.mlp_consumer)).shape[1]
+        if "mlp_channels" in entry and len(entry["mlp_channels"]) != channels:
+            problems.append(
+                f"block {original}: {channels} MLP channels, the record keeps {len(entry['mlp_channels'])}"
+            )
+        heads = weight_view(block.get_submodule(layout.o)).shape[1] // head_dim
+        if "heads" in entry and len(entry["heads"]) != heads:
+            problems.append(f"block {original}: {heads} attention heads, the record keeps {len(entry['heads'])}")
+    return problems
+
+
+def apply_record(model: nn.Module, record: dict) -> None:
+    r"""Shrinks a dense `model` in place to the architecture and kept indices of `record`, without reconstruction.
+
+    Gives the dense weights at the kept positions: e.g. to start distillation from a teacher's own slices, or to
+    compare two criteria on the same architecture.
+    """
+    blocks_path, blocks = find_decoder_blocks(model)
+    if len(blocks) != record["num_blocks"]:
+        raise ValueError(f"the record is for {record['num_blocks']} blocks; the model has {len(blocks)}.")
+    layout = find_layout(blocks[0])
+    heads = head_shape(model.config, layout)[0]
+    for index, block in enumerate(blocks):
+        entry = record["layers"].get(str(index))
+        if entry is None:
+            continue
+        if "heads" in entry and len(entry["heads"]) != heads:
+            mode = record["head_mode"]
+            units = entry["kv_heads"] if mode == "kv" else entry["heads"]
+            shrink_groups(head_groups(block, layout, model.config, mode), torch.tensor(units))
+            attention = block.get_submodule(layout.o.rpartition(".")[0])
+            shrink_attention_module(attention, len(entry["heads"]), len(entry["kv_heads"]))
+        if "mlp_channels" in entry:
+            shrink_groups(mlp_groups(block, layout), torch.tensor(entry["mlp_channels"]))
+    if record["removed_blocks"]:
+        remove_blocks(model, blocks_path, list(record["removed_blocks"]))
+        blocks = find_decoder_blocks(model)[1]
+    apply_config(model, blocks, layout, record.get("head_mode"))
