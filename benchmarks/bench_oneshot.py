@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "../shared/models/llama-kdoc-5m"
 DEFAULT_LLMC_PYTHON = REPO_ROOT / ".cache" / "llmc-venv" / "bin" / "python"
 WORK_DIR = REPO_ROOT / ".cache" / "bench-oneshot"
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")  # llm-compressor has no ADMM: compared with its SparseGPT
 KDOC_PATTERNS = ("0.5", "0.7", "2:4", "4:8")
 WIDE_PATTERNS = ("0.5", "2:4")
 WIDE_CONFIG = {
@@ -298,7 +298,7 @@ def run_kdoc(args, log) -> list[dict]:
             ours = hfprune_job({**spec, "tool": "hfprune"}, args, label)
             if method == "magnitude":
                 ref = hfprune_job({**spec, "tool": "torch reference"}, args, label + "-ref")
-            elif args.skip_llmcompressor:
+            elif args.skip_llmcompressor or method not in ("sparsegpt", "wanda"):
                 ref = None
             else:
                 ref = llmcompressor_job(spec, args, label + "-llmc")

@@ -49,14 +49,8 @@ def perplexity(
             `device_map` always runs where it is.
     """
     seq_len = resolve_seq_len(model, seq_len)
-    ids = data if isinstance(data, torch.Tensor) else tokenize_text(load_text(data, split="test"), tokenizer)
-    ids = ids.reshape(-1)
-    windows = ids.numel() // seq_len
-    if windows == 0:
-        raise ValueError(f"evaluation data has {ids.numel()} tokens, fewer than one window of {seq_len}.")
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    ids = ids[: windows * seq_len].view(windows, seq_len)  # (windows, seq_len)
+    ids = evaluation_windows(data, tokenizer, seq_len, max_windows)  # (windows, seq_len)
+    windows = ids.shape[0]
     home = input_device(model)
     device = home if device is None else torch.device(device)
     moved = device != home and not hasattr(model, "hf_device_map")  # a dispatched model stays where it is
@@ -79,6 +73,19 @@ def perplexity(
         if moved:
             model.to(home)
     return math.exp(total_nll / total_tokens)
+
+
+def evaluation_windows(data, tokenizer, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    r"""The protocol's windows: `data` tokenized once (a 1D `LongTensor` is used as is), cut into non-overlapping
+    windows of `seq_len` tokens, the tail dropped; `(windows, seq_len)`."""
+    ids = data if isinstance(data, torch.Tensor) else tokenize_text(load_text(data, split="test"), tokenizer)
+    ids = ids.reshape(-1)
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise ValueError(f"evaluation data has {ids.numel()} tokens, fewer than one window of {seq_len}.")
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    return ids[: windows * seq_len].view(windows, seq_len)  # (windows, seq_len)
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:

@@ -91,7 +91,8 @@ def compare(
         >>> report.pruned_perplexity, [round(b.cka, 3) for b in report.blocks]
         ```
     """
-    from ..oneshot.calibration import load_text, resolve_seq_len, tokenize_text
+    from ..evaluation import evaluation_windows
+    from ..oneshot.calibration import resolve_seq_len
 
     if plots and output_dir is not None:
         from .plots import MATPLOTLIB_MISSING, is_matplotlib_available
@@ -105,14 +106,8 @@ def compare(
     seq_len = resolve_seq_len(dense_model, seq_len)
     if seq_len < 2:
         raise ValueError(f"`seq_len`={seq_len} must be at least 2 (one predicted token per window).")
-    ids = data if isinstance(data, torch.Tensor) else tokenize_text(load_text(data, split="test"), tokenizer)
-    ids = ids.reshape(-1)
-    windows = ids.numel() // seq_len
-    if windows == 0:
-        raise ValueError(f"evaluation data has {ids.numel()} tokens, fewer than one window of {seq_len}.")
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    ids = ids[: windows * seq_len].view(windows, seq_len)  # (windows, seq_len)
+    ids = evaluation_windows(data, tokenizer, seq_len, max_windows)  # (windows, seq_len)
+    windows = ids.shape[0]
 
     dense_blocks = find_decoder_blocks(dense_model)[1]
     pruned_blocks = find_decoder_blocks(pruned_model)[1]
