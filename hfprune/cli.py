@@ -27,6 +27,7 @@ PRUNE_FIELDS = (
     "structure",
     "reinit",
     "sparsity",
+    "sparsity_profile",
     "targets",
     "ignore",
     "sparsity_overrides",

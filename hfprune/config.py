@@ -24,6 +24,7 @@ CONFIG_NAME = "pruning_config.json"
 ONESHOT_METHODS = ("admm", "magnitude", "sparsegpt", "wanda")
 GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
 SPARSITY_SCHEDULES = ("constant", "cubic")
+SPARSITY_PROFILES = ("uniform", "owl")
 MDGF_BACKWARDS = ("ste", "scaled")
 STRUCTURED_METHODS = ("magnitude", "sparsegpt", "taylor", "wanda")  # importance criteria of structured pruning
 STRUCTURE_KEYS = ("mlp", "heads", "blocks", "gqa")
@@ -98,6 +99,20 @@ class PruningConfig(PushToHubMixin):
             "help": "Per-module sparsity: {name suffix or regex: sparsity}, the first match wins, e.g. "
             "{'down_proj': '1:4'}. Other modules use `sparsity`."
         },
+    )
+    sparsity_profile: str = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform' (every module at `sparsity`) or 'owl': each decoder block gets its own sparsity from "
+            "its share of outlier activations (OWL, Yin et al. 2024), the mean staying at `sparsity`; unstructured "
+            "targets and calibrated methods only."
+        },
+    )
+    owl_threshold: float = field(
+        default=5.0, metadata={"help": "OWL's M: a Wanda score above M times the block's mean is an outlier."}
+    )
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "OWL's lambda: block sparsities spread over a window 2 * lambda wide."}
     )
     skip_incompatible: bool = field(
         default=False,
@@ -240,6 +255,21 @@ class PruningConfig(PushToHubMixin):
                     f"of {', '.join(choices)}."
                 )
         check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
+        check_choice("sparsity_profile", self.sparsity_profile, SPARSITY_PROFILES)
+        if self.sparsity_profile == "owl":
+            if self.target.is_nm:
+                raise ValueError(
+                    f"`sparsity_profile`='owl' gives blocks different fractions of zeros; `sparsity`={self.sparsity!r} "
+                    "is N:M. Use a fraction such as 0.7."
+                )
+            if self.method == "magnitude":
+                raise ValueError(
+                    "`sparsity_profile`='owl' needs calibration activations; use `method`='wanda' or 'sparsegpt'."
+                )
+            if not self.owl_threshold > 0 or not 0 <= self.owl_lambda < 0.5:
+                raise ValueError(
+                    f"`owl_threshold` must be > 0 and `owl_lambda` in [0, 0.5); got {self.owl_threshold}, {self.owl_lambda}."
+                )
         check_choice("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES)
         check_choice("mdgf_backward", self.mdgf_backward, MDGF_BACKWARDS)
         if isinstance(self.targets, str):

@@ -74,6 +74,8 @@ class PruningReport:
     """Prunable weights of the decoder blocks left dense, with the reason (`ignore`, `targets`, `skip_incompatible`)."""
     world_size: int = 1
     """How many processes pruned the model together."""
+    block_sparsities: dict[int, float] | None = None
+    """The sparsity of every decoder block, when a `sparsity_profile` (OWL) gave each its own."""
     block_zeros: int = 0
     block_numel: int = 0
     """Zeros and size of every weight matrix in the decoder blocks, pruned or not (see [`overall_sparsity`])."""
@@ -97,6 +99,7 @@ class PruningReport:
             "overall_sparsity": self.overall_sparsity,
             "seconds": self.seconds,
             "world_size": self.world_size,
+            "block_sparsities": self.block_sparsities,
             "modules": {name: asdict(m) for name, m in self.modules.items()},
             "skipped": dict(self.skipped),
         }

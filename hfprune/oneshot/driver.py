@@ -34,6 +34,7 @@ from .capture import capture_block_inputs, run_block
 from .collect import ExpertCollector, StatisticCollector
 from .distributed import Ranks
 from .methods import PruningMethod, get_method
+from .profiles import owl_block_sparsities, with_block_sparsities
 from .statistics import STATISTIC_TYPES
 
 
@@ -118,8 +119,8 @@ def prune(
                             _prune_module(name, target, method, stats, config, report)
             else:
                 _prune_calibrated(
-                    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report,
-                    offload_folder,
+                    model, blocks, blocks_path, block_targets, method, config, calibration, tokenizer, progress,
+                    report, offload_folder,
                 )  # fmt: skip
     finally:
         model.train(was_training)
@@ -139,7 +140,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def _prune_calibrated(
-    model, blocks, block_targets, method, config, calibration, tokenizer, progress, report, offload_folder
+    model, blocks, blocks_path, block_targets, method, config, calibration, tokenizer, progress, report, offload_folder
 ):
     if calibration is None:
         raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
@@ -153,6 +154,11 @@ def _prune_calibrated(
     )
     ranks = Ranks.current()
     tokens = ranks.shard(tokens)  # (samples / world_size, seq_len) on each rank
+    if config.sparsity_profile == "owl":
+        report.block_sparsities = owl_block_sparsities(
+            model, blocks, block_targets, config, tokens, device, offload_folder, ranks
+        )
+        config = with_block_sparsities(config, blocks_path, report.block_sparsities)
     inputs = capture_block_inputs(
         model, blocks, tokens, config.calibration_batch_size, device, config.offload_activations
     )

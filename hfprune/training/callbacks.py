@@ -59,13 +59,16 @@ class GradientFlowCallback(TrainerCallback):
         self.gradient_flow.after_optimizer_step(state.global_step + 1)
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        sharded = self.gradient_flow.is_sharded  # FSDP2: every rank takes part in gathering the whole tensors
+        if not state.is_world_process_zero and not sharded:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
+        if state.is_world_process_zero and not os.path.isdir(folder):
             logger.warning(f"checkpoint folder {folder} not found; the pruning state was not saved with it.")
-            return
-        save_pruning_state(self.gradient_flow, folder, state.global_step)
+            if not sharded:
+                return
+        write = state.is_world_process_zero and os.path.isdir(folder)
+        save_pruning_state(self.gradient_flow, folder, state.global_step, write=write)
 
     def on_train_end(self, args, state, control, **kwargs):
         # `load_best_model_at_end` has just loaded the best checkpoint's (sparse) weights: continue from its state
@@ -74,7 +77,7 @@ class GradientFlowCallback(TrainerCallback):
         self.gradient_flow.finish()
 
     def _restore(self, folder: str) -> None:
-        device = next(iter(self.gradient_flow.targets.values())).param.device
+        device = next(iter(self.gradient_flow.targets.values())).local.device
         saved = load_pruning_state(folder, device)
         if saved is None:
             logger.warning(

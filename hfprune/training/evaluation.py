@@ -45,10 +45,10 @@ def saved_weights(gradient_flow: GradientFlow) -> Iterator[None]:
     with torch.no_grad():
         for name, entry in targets.items():
             if entry.latent is None:
-                if torch.equal(entry.param, sparse[name]):  # `none` at the target: it holds W * m already
+                if torch.equal(entry.local, sparse[name]):  # `none` at the target: it holds W * m already
                     continue
-                held[name] = entry.param.detach().clone()  # the dense W, which W * m cannot give back
-            entry.param.copy_(sparse[name])
+                held[name] = entry.local.clone()  # the dense W, which W * m cannot give back
+            entry.local.copy_(sparse[name])
     del sparse
     gradient_flow.saved_weights_depth += 1
     try:
@@ -58,7 +58,7 @@ def saved_weights(gradient_flow: GradientFlow) -> Iterator[None]:
         with torch.no_grad():
             for name, entry in targets.items():
                 if name in held:
-                    entry.param.copy_(held[name])
+                    entry.local.copy_(held[name])
                 elif entry.latent is not None:  # W~ again, computed as the optimizer step computed it
                     alpha = gradient_flow.schedule.alpha
-                    effective_weight(entry.latent, entry.keep_mask, alpha, out=entry.param.data)
+                    effective_weight(entry.latent, entry.keep_mask, alpha, out=entry.local)

@@ -27,6 +27,11 @@ Between optimizer steps `module.weight` *holds* `W~`, so the bias, gradient chec
 module type (`nn.Linear`, GPT-2's `Conv1D`) just work, `state_dict` keys never change, and the masks are
 recomputed once per optimizer step rather than once per micro-batch. Masks are explicit `bool` tensors, stored in
 each parameter's own layout; they are never re-inferred from zeros.
+
+Under FSDP2 (`fully_shard`, parameters sharded by rows) each rank masks its own rows and keeps their latent copy
+([`~hfprune.training.sharding`]); the masks equal those of one unsharded process. The gradient transforms of
+`gradient_flow="none"` and `mdgf_backward="scaled"` then run in `before_optimizer_step` on the local gradient rows
+(FSDP2 writes sharded gradients without running tensor hooks): after gradient clipping, not before it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ..sparsity import SparsityTarget, nm_violations
 from .masked_weight import MaskedWeight
 from .masking import as_uint8, effective_weight, scaled_gradient, srste_gradient_
 from .schedules import Schedule, check_schedulable, pattern_at, schedule_at, sdgf_stages
+from .sharding import row_shard
 from .targets import find_training_targets, unwrap_compiled
 
 
@@ -80,7 +86,8 @@ class GradientFlow:
                 continue
             target = config.target_for(name)
             check_schedulable(name, in_features(module), target, config)
-            self.targets[name] = MaskedWeight(name, module.weight, target, transposed=isinstance(module, Conv1D))
+            shard = row_shard(name, module.weight)
+            self.targets[name] = MaskedWeight(name, module.weight, target, isinstance(module, Conv1D), shard=shard)
         if not self.targets:
             raise ValueError(
                 f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
@@ -93,7 +100,8 @@ class GradientFlow:
                 "only its adapters. Use `gradient_flow='none'`: the frozen base keeps fixed masks (from `keep_masks`, "
                 "else magnitude) and the adapters train on the sparse base."
             )
-        names = {id(p): n for n, p in unwrap_compiled(model).named_parameters(remove_duplicate=False)}
+        self._root = unwrap_compiled(model)
+        names = {id(p): n for n, p in self._root.named_parameters(remove_duplicate=False)}
         self.parameter_names: dict[str, str] = {name: names[id(e.param)] for name, e in self.targets.items()}
         """`{target name: key of its weight in the state dict of the (uncompiled) model}`: `f"{name}.weight"` for a
         plain model, `"base_model.model.{name}.base_layer.weight"` for a PEFT one."""
@@ -114,15 +122,16 @@ class GradientFlow:
         To resume, call [`load_state_dict`] first.
         """
         self.max_steps = max_steps
+        self._bind()
         for entry in self.targets.values():  # the Trainer may have moved the model since the masks were given
-            if entry.keep_mask is not None and entry.keep_mask.device != entry.param.device:
-                entry.keep_mask = entry.keep_mask.to(entry.param.device)
-        self._flips = torch.zeros((), dtype=torch.long, device=next(iter(self.targets.values())).param.device)
+            if entry.keep_mask is not None and entry.keep_mask.device != entry.local.device:
+                entry.keep_mask = entry.keep_mask.to(entry.local.device)
+        self._flips = torch.zeros((), dtype=torch.long, device=next(iter(self.targets.values())).local.device)
         self._recomputed = 0
         self._remove_hooks()
         if self.config.gradient_flow == "none" or self.config.mdgf_backward == "scaled":
             for entry in self.targets.values():
-                if entry.param.requires_grad:
+                if entry.param.requires_grad and entry.shard is None:
                     self._hooks.append(entry.param.register_hook(partial(self._gradient_hook, entry)))
         self._apply(step, count_flips=False)
 
@@ -130,19 +139,25 @@ class GradientFlow:
     def before_optimizer_step(self) -> None:
         r"""Adds the SR-STE term to the (clipped) gradients and puts the latent `W` back into each parameter."""
         srste = self.config.gradient_flow == "srste" and self.schedule.phase == "decay" and self.config.srste_decay
+        hooked = self.config.gradient_flow == "none" or self.config.mdgf_backward == "scaled"
         for entry in self.targets.values():
+            grad = entry.local_grad
+            if hooked and entry.shard is not None and grad is not None:  # what the tensor hook does unsharded
+                changed = self._gradient_hook(entry, grad)
+                if changed is not None:
+                    grad.copy_(changed)
             if entry.latent is None:
                 continue
-            if srste and entry.param.grad is not None:
-                srste_gradient_(entry.param.grad, entry.latent, entry.keep_mask, self.config.srste_decay)
-            entry.param.copy_(entry.latent)
+            if srste and grad is not None:
+                srste_gradient_(grad, entry.latent, entry.keep_mask, self.config.srste_decay)
+            entry.local.copy_(entry.latent)
 
     @torch.no_grad()
     def after_optimizer_step(self, next_step: int) -> None:
         r"""Reads the updated latent weights, then prepares step `next_step` (masks, alpha, `W~`)."""
         for entry in self.targets.values():
             if entry.latent is not None:
-                entry.latent.copy_(entry.param)
+                entry.latent.copy_(entry.local)
         self._apply(next_step)
 
     @torch.no_grad()
@@ -153,14 +168,15 @@ class GradientFlow:
         """
         final = self.final_keep_masks()
         for name, entry in self.targets.items():
-            effective_weight(entry.weight, final[name], 0.0, out=entry.param.data)
+            effective_weight(entry.weight, final[name], 0.0, out=entry.local)
             entry.keep_mask, entry.pattern, entry.latent = final[name], entry.target, None
         self._remove_hooks()
 
     # --- what the model looks like ------------------------------------------------------------------------------
     @property
     def keep_masks(self) -> dict[str, torch.Tensor]:
-        r"""The current keep masks `{module name: bool (out, in)}` of the modules that are masked."""
+        r"""The current keep masks `{module name: bool (out, in)}` of the modules that are masked (under FSDP2: this
+        rank's rows of the parameter, transposed for `Conv1D`; [`gather`] gives whole tensors)."""
         return {n: e.out_in(e.keep_mask) for n, e in self.targets.items() if e.keep_mask is not None}
 
     def final_keep_masks(self) -> dict[str, torch.Tensor]:
@@ -197,9 +213,9 @@ class GradientFlow:
         """
         if self.schedule is None:
             return {}
-        numel = sum(e.param.numel() for e in self.targets.values())
+        numel = sum(e.local.numel() for e in self.targets.values())  # under FSDP2: this rank's rows
         kept = sum(
-            int(torch.count_nonzero(as_uint8(e.keep_mask))) if e.keep_mask is not None else e.param.numel()
+            int(torch.count_nonzero(as_uint8(e.keep_mask))) if e.keep_mask is not None else e.local.numel()
             for e in self.targets.values()
         )
         metrics = {"pruning/sparsity": 1.0 - kept / numel, "pruning/alpha": self.schedule.alpha}
@@ -217,13 +233,28 @@ class GradientFlow:
         return metrics
 
     # --- checkpoints --------------------------------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        r"""Whether some target is an FSDP2 `DTensor` (then [`state_dict`] and [`gather`] are collective)."""
+        return any(e.shard is not None for e in self.targets.values())
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        r"""Whole tensors from `{module name: this rank's rows, parameter layout}` (e.g. [`final_keep_masks`],
+        [`sparse_weights`]); unsharded targets pass through. Collective under FSDP2: every rank must call it."""
+        return {
+            name: self.targets[name].shard.gather(t) if self.targets[name].shard is not None else t
+            for name, t in tensors.items()
+        }
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        r"""What training needs to continue exactly: `{name}.weight` (the latent `W`) and `{name}.keep_mask`."""
+        r"""What training needs to continue exactly: `{name}.weight` (the latent `W`) and `{name}.keep_mask`, whole
+        tensors (gathered under FSDP2, so every rank must call it; a checkpoint resumes at any world size)."""
         state = {}
         for name, entry in self.targets.items():
-            state[f"{name}.weight"] = entry.weight
+            whole = entry.shard.gather if entry.shard is not None else lambda t: t
+            state[f"{name}.weight"] = whole(entry.weight)
             if entry.keep_mask is not None:
-                state[f"{name}.keep_mask"] = entry.keep_mask
+                state[f"{name}.keep_mask"] = whole(entry.keep_mask)
         return state
 
     def pattern_dict(self) -> dict[str, str]:
@@ -246,6 +277,7 @@ class GradientFlow:
                 ([`~hfprune.training.state.model_held_weights`]): their parameters already hold it, as loaded from the
                 model checkpoint.
         """
+        self._bind()
         from_model = set(weights_in_model)
         missing = [f"{n}.weight" for n in self.targets if f"{n}.weight" not in state and n not in from_model]
         if missing:
@@ -256,11 +288,12 @@ class GradientFlow:
                 raise ValueError(
                     f"pruning state: {name} has shape {tuple(weight.shape)}, the model {tuple(entry.param.shape)}."
                 )
+            rows = entry.shard.rows_of if entry.shard is not None else lambda t: t  # state tensors are whole
             if weight is not entry.param:
-                entry.param.copy_(weight)
+                entry.local.copy_(rows(weight))
             entry.latent = None
             keep = state.get(f"{name}.keep_mask")
-            entry.keep_mask = keep.to(entry.param.device, torch.bool) if keep is not None else None
+            entry.keep_mask = rows(keep).to(entry.local.device, torch.bool).contiguous() if keep is not None else None
             pattern = (patterns or {}).get(name)
             entry.pattern = SparsityTarget.parse(pattern) if keep is not None and pattern else None
             if keep is not None and entry.pattern is None:
@@ -283,8 +316,23 @@ class GradientFlow:
                 )
             if entry.target.is_nm and nm_violations(keep, entry.target.n, entry.target.m):
                 raise ValueError(f"`keep_masks[{name!r}]` keeps more than {entry.target} allows in some groups.")
-            entry.keep_mask = entry.out_in(keep.to(entry.param.device)).contiguous()
+            entry.keep_mask = entry.out_in(keep.to(entry.local.device)).contiguous()
+            if entry.shard is not None:
+                entry.keep_mask = entry.shard.rows_of(entry.keep_mask).contiguous()
             entry.pattern = entry.target
+
+    def _bind(self) -> None:
+        r"""Follows parameters replaced since construction: `fully_shard` (accelerate's FSDP2 `prepare`) swaps every
+        parameter for a `DTensor` of this rank's rows; whole masks given earlier are cut to those rows."""
+        for name, entry in self.targets.items():
+            param = self._root.get_parameter(self.parameter_names[name])
+            if param is entry.param:
+                continue
+            if entry.latent is not None:
+                raise ValueError(f"{name}: the parameter was replaced while its latent weight was in use.")
+            entry.param, entry.shard = param, row_shard(name, param)
+            if entry.shard is not None and entry.keep_mask is not None and entry.keep_mask.shape == param.shape:
+                entry.keep_mask = entry.shard.rows_of(entry.keep_mask).contiguous()
 
     def _frozen(self, schedule: Schedule) -> bool:
         if self.config.gradient_flow == "none" or self.config.freeze_mask:
@@ -300,7 +348,7 @@ class GradientFlow:
             pattern = pattern_at(schedule, entry.target, self.config)
             if pattern is None:  # dense phase: the parameter holds W itself
                 if entry.latent is not None:
-                    entry.param.copy_(entry.latent)
+                    entry.local.copy_(entry.latent)
                     entry.latent = None
                 continue
             if entry.keep_mask is None or entry.pattern != pattern or not frozen:
@@ -309,11 +357,11 @@ class GradientFlow:
                     self._flips += torch.count_nonzero(as_uint8(keep ^ entry.keep_mask))
                 entry.keep_mask, entry.pattern = keep, pattern
             if not latent_flow:  # `none`: pruned weights are zero for good
-                entry.param.mul_(as_uint8(entry.keep_mask))
+                entry.local.mul_(as_uint8(entry.keep_mask))
                 continue
             if entry.latent is None:
-                entry.latent = entry.param.detach().clone()
-            effective_weight(entry.latent, entry.keep_mask, schedule.alpha, out=entry.param.data)
+                entry.latent = entry.local.clone()
+            effective_weight(entry.latent, entry.keep_mask, schedule.alpha, out=entry.local)
         if count_flips and not schedule.is_dense:
             self._recomputed += 1
 

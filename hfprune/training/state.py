@@ -41,7 +41,8 @@ def model_held_weights(gradient_flow: GradientFlow) -> list[str]:
     """
     names = []
     for name, entry in gradient_flow.targets.items():
-        if entry.latent is not None or entry.keep_mask is None:
+        # an FSDP2 shard decides only for its own rows, so sharded latent weights are always stored
+        if entry.latent is not None or entry.keep_mask is None or entry.shard is not None:
             continue
         if not entry.param.requires_grad or (
             entry.pattern == entry.target
@@ -51,17 +52,21 @@ def model_held_weights(gradient_flow: GradientFlow) -> list[str]:
     return names
 
 
-def save_pruning_state(gradient_flow: GradientFlow, folder: str | os.PathLike, step: int) -> str:
+def save_pruning_state(gradient_flow: GradientFlow, folder: str | os.PathLike, step: int, write: bool = True) -> str:
     r"""Writes the latent weights and bit-packed keep masks of `gradient_flow` to `folder/hfprune_state.safetensors`.
 
     Latent weights that the checkpoint's model weights (or a frozen base model) give back exactly are left out; see
-    [`model_held_weights`].
+    [`model_held_weights`]. Under FSDP2 every rank calls it (the whole tensors are gathered) and only the one with
+    `write=True` writes the file.
     """
     path = os.path.join(folder, STATE_NAME)
     tensors, shapes = {}, {}
     weights_in_model = model_held_weights(gradient_flow)
     omitted = set(weights_in_model)
-    for key, tensor in gradient_flow.state_dict().items():
+    state = gradient_flow.state_dict()
+    if not write:
+        return path
+    for key, tensor in state.items():
         if key.endswith(MASK_SUFFIX):
             shapes[key[: -len(MASK_SUFFIX)]] = list(tensor.shape)
             tensors[key] = pack_bits(tensor.detach(), 1).cpu()

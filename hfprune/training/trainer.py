@@ -28,9 +28,10 @@ from .targets import is_peft_model
 logger = logging.getLogger(__name__)
 
 SHARDING_UNSUPPORTED = (
-    "PruningTrainer supports single-device and DDP training, not FSDP or DeepSpeed: masks are computed on whole "
-    "(out, in) weights, which FSDP shards across ranks, and DeepSpeed steps its own copy of the weights. Remove "
-    "`fsdp` / `deepspeed` from the TrainingArguments (or the accelerate config) and launch with DDP."
+    "PruningTrainer supports single-device, DDP and FSDP2 training (`fsdp_version: 2`), not FSDP1 or DeepSpeed: "
+    "masks are kept per rank on the row shards of FSDP2's DTensor parameters, while FSDP1 flattens the weights "
+    "and DeepSpeed steps its own copy of them. Use FSDP2 (`fsdp_config={'version': 2}`, the default, or "
+    "`fsdp_version: 2` in the accelerate config), or remove `fsdp` / `deepspeed` and launch with DDP."
 )
 PRUNING_TAGS = ["hfprune", "sparse"]
 
@@ -76,8 +77,9 @@ class PruningMixin:
       train. The saved adapter folder carries `pruning_config.json` (`"format": "adapter"`) and the base's keep
       masks; `hfprune.merge_lora(peft_model, folder)` merges onto exactly those masks.
 
-    Everything else is the trainer's own: gradient accumulation, mixed precision, gradient checkpointing, DDP.
-    FSDP, DeepSpeed and `model_init` are refused.
+    Everything else is the trainer's own: gradient accumulation, mixed precision, gradient checkpointing, DDP and
+    FSDP2 (`fsdp_version: 2`: each rank masks its row shards, see [`~hfprune.training.sharding`]; saves need
+    `fsdp_state_dict_type: FULL_STATE_DICT`). FSDP1, DeepSpeed and `model_init` are refused.
 
     Args:
         *args, **kwargs: the arguments of the trainer class.
@@ -106,13 +108,17 @@ class PruningMixin:
         if given.get("model_init") is not None:
             raise ValueError(f"{type(self).__name__} does not support `model_init`: pass the model itself.")
         training_args = given.get("args")
-        if getattr(training_args, "fsdp", None) or getattr(training_args, "deepspeed", None):
+        fsdp_config = getattr(training_args, "fsdp_config", None) or {}
+        if getattr(training_args, "deepspeed", None) or (
+            getattr(training_args, "fsdp", None) and int(fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))) != 2
+        ):  # `TrainingArguments` defaults `fsdp_config["version"]` to 2
             raise ValueError(SHARDING_UNSUPPORTED)
         max_steps = getattr(training_args, "max_steps", -1)
         if given.get("train_dataset") is not None and not has_length(given["train_dataset"]) and max_steps <= 0:
             phase_boundaries(None, pruning_config)  # names the pruning settings that need `max_steps`
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # also set up by an accelerate config file
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and fsdp_version != 2):  # or an accelerate config file
             raise ValueError(SHARDING_UNSUPPORTED)
         self.pruning_config = pruning_config
         if pruning_config.method is not None:
@@ -154,7 +160,16 @@ class PruningMixin:
         final = self.gradient_flow.final_keep_masks()
         sparse = self.gradient_flow.sparse_weights(final)
         adapter = is_peft_model(self.model)  # only the adapters are saved; the frozen base holds W * m already
-        if state_dict is None and not adapter:
+        if self.gradient_flow.is_sharded:
+            # FSDP2: every rank calls `_save` with accelerate's gathered full state dict (on rank 0) and takes part
+            # in gathering the whole masks and sparse weights
+            final, sparse = self.gradient_flow.gather(final), self.gradient_flow.gather(sparse)
+            if state_dict is not None and not adapter:
+                for name, weight in sparse.items():
+                    key = self.gradient_flow.parameter_names[name]
+                    if key in state_dict:
+                        state_dict[key] = weight.to(state_dict[key].device)
+        elif state_dict is None and not adapter:
             state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
             for name, weight in sparse.items():
                 state_dict[self.gradient_flow.parameter_names[name]] = weight
