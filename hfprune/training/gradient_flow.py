@@ -26,12 +26,7 @@ How [`GradientFlow`] does it without touching any module's `forward`:
 Between optimizer steps `module.weight` *holds* `W~`, so the bias, gradient checkpointing, DDP, evaluation and any
 module type (`nn.Linear`, GPT-2's `Conv1D`) just work, `state_dict` keys never change, and the masks are
 recomputed once per optimizer step rather than once per micro-batch. Masks are explicit `bool` tensors, stored in
-each parameter's own layout; they are never re-inferred from zeros.
-
-Under FSDP2 (`fully_shard`, parameters sharded by rows) each rank masks its own rows and keeps their latent copy
-([`~hfprune.training.sharding`]); the masks equal those of one unsharded process. The gradient transforms of
-`gradient_flow="none"` and `mdgf_backward="scaled"` then run in `before_optimizer_step` on the local gradient rows
-(FSDP2 writes sharded gradients without running tensor hooks): after gradient clipping, not before it.
+each parameter's own layout; they are never re-inferred from zeros. FSDP2: [`~hfprune.training.sharding`].
 """
 
 from __future__ import annotations
@@ -45,11 +40,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import PruningConfig
 from ..models import ExpertProjection, in_features
-from ..sparsity import SparsityTarget, nm_violations
+from ..sparsity import SparsityTarget
 from .masked_weight import MaskedWeight
 from .masking import as_uint8, effective_weight, scaled_gradient, srste_gradient_
 from .schedules import Schedule, check_schedulable, pattern_at, schedule_at, sdgf_stages
-from .sharding import row_shard
 from .targets import find_training_targets, unwrap_compiled
 
 
@@ -86,8 +80,7 @@ class GradientFlow:
                 continue
             target = config.target_for(name)
             check_schedulable(name, in_features(module), target, config)
-            shard = row_shard(name, module.weight)
-            self.targets[name] = MaskedWeight(name, module.weight, target, isinstance(module, Conv1D), shard=shard)
+            self.targets[name] = MaskedWeight(name, module.weight, target, transposed=isinstance(module, Conv1D))
         if not self.targets:
             raise ValueError(
                 f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
@@ -122,8 +115,8 @@ class GradientFlow:
         To resume, call [`load_state_dict`] first.
         """
         self.max_steps = max_steps
-        self._bind()
-        for entry in self.targets.values():  # the Trainer may have moved the model since the masks were given
+        for name, entry in self.targets.items():  # since the masks were given: moved, or FSDP2's DTensors
+            entry.rebind(self._root.get_parameter(self.parameter_names[name]))
             if entry.keep_mask is not None and entry.keep_mask.device != entry.local.device:
                 entry.keep_mask = entry.keep_mask.to(entry.local.device)
         self._flips = torch.zeros((), dtype=torch.long, device=next(iter(self.targets.values())).local.device)
@@ -142,10 +135,9 @@ class GradientFlow:
         hooked = self.config.gradient_flow == "none" or self.config.mdgf_backward == "scaled"
         for entry in self.targets.values():
             grad = entry.local_grad
-            if hooked and entry.shard is not None and grad is not None:  # what the tensor hook does unsharded
-                changed = self._gradient_hook(entry, grad)
-                if changed is not None:
-                    grad.copy_(changed)
+            changed = self._gradient_hook(entry, grad) if hooked and entry.shard and grad is not None else None
+            if changed is not None:  # FSDP2 runs no tensor hooks on sharded gradients: here, after clipping
+                grad.copy_(changed)
             if entry.latent is None:
                 continue
             if srste and grad is not None:
@@ -175,8 +167,7 @@ class GradientFlow:
     # --- what the model looks like ------------------------------------------------------------------------------
     @property
     def keep_masks(self) -> dict[str, torch.Tensor]:
-        r"""The current keep masks `{module name: bool (out, in)}` of the modules that are masked (under FSDP2: this
-        rank's rows of the parameter, transposed for `Conv1D`; [`gather`] gives whole tensors)."""
+        r"""The current keep masks `{module name: bool (out, in)}` of the masked modules (FSDP2: local rows)."""
         return {n: e.out_in(e.keep_mask) for n, e in self.targets.items() if e.keep_mask is not None}
 
     def final_keep_masks(self) -> dict[str, torch.Tensor]:
@@ -239,22 +230,16 @@ class GradientFlow:
         return any(e.shard is not None for e in self.targets.values())
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        r"""Whole tensors from `{module name: this rank's rows, parameter layout}` (e.g. [`final_keep_masks`],
-        [`sparse_weights`]); unsharded targets pass through. Collective under FSDP2: every rank must call it."""
-        return {
-            name: self.targets[name].shard.gather(t) if self.targets[name].shard is not None else t
-            for name, t in tensors.items()
-        }
+        r"""Whole tensors from `{module name: this rank's rows}` (e.g. [`final_keep_masks`]); collective."""
+        return {name: self.targets[name].whole(t) for name, t in tensors.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        r"""What training needs to continue exactly: `{name}.weight` (the latent `W`) and `{name}.keep_mask`, whole
-        tensors (gathered under FSDP2, so every rank must call it; a checkpoint resumes at any world size)."""
+        r"""What training needs to continue exactly: `{name}.weight` (latent `W`), `{name}.keep_mask` (whole)."""
         state = {}
         for name, entry in self.targets.items():
-            whole = entry.shard.gather if entry.shard is not None else lambda t: t
-            state[f"{name}.weight"] = whole(entry.weight)
+            state[f"{name}.weight"] = entry.whole(entry.weight)
             if entry.keep_mask is not None:
-                state[f"{name}.keep_mask"] = whole(entry.keep_mask)
+                state[f"{name}.keep_mask"] = entry.whole(entry.keep_mask)
         return state
 
     def pattern_dict(self) -> dict[str, str]:
@@ -277,7 +262,8 @@ class GradientFlow:
                 ([`~hfprune.training.state.model_held_weights`]): their parameters already hold it, as loaded from the
                 model checkpoint.
         """
-        self._bind()
+        for name, entry in self.targets.items():  # accelerate's FSDP2 `prepare` swaps parameters for DTensors
+            entry.rebind(self._root.get_parameter(self.parameter_names[name]))
         from_model = set(weights_in_model)
         missing = [f"{n}.weight" for n in self.targets if f"{n}.weight" not in state and n not in from_model]
         if missing:
@@ -288,12 +274,11 @@ class GradientFlow:
                 raise ValueError(
                     f"pruning state: {name} has shape {tuple(weight.shape)}, the model {tuple(entry.param.shape)}."
                 )
-            rows = entry.shard.rows_of if entry.shard is not None else lambda t: t  # state tensors are whole
             if weight is not entry.param:
-                entry.local.copy_(rows(weight))
+                entry.local.copy_(entry.own_rows(weight))  # the state holds whole tensors
             entry.latent = None
             keep = state.get(f"{name}.keep_mask")
-            entry.keep_mask = rows(keep).to(entry.local.device, torch.bool).contiguous() if keep is not None else None
+            entry.keep_mask = entry.own_rows(keep).to(entry.local.device, torch.bool) if keep is not None else None
             pattern = (patterns or {}).get(name)
             entry.pattern = SparsityTarget.parse(pattern) if keep is not None and pattern else None
             if keep is not None and entry.pattern is None:
@@ -307,32 +292,7 @@ class GradientFlow:
                 f"`keep_masks` has masks for modules that are not pruning targets: {', '.join(unknown[:5])}."
             )
         for name, keep in keep_masks.items():
-            entry = self.targets[name]
-            shape = tuple(entry.out_in(entry.param).shape)
-            if keep.dtype != torch.bool or tuple(keep.shape) != shape:
-                raise ValueError(
-                    f"`keep_masks[{name!r}]` must be a bool tensor of shape {shape} (out, in), got {keep.dtype} "
-                    f"{tuple(keep.shape)}."
-                )
-            if entry.target.is_nm and nm_violations(keep, entry.target.n, entry.target.m):
-                raise ValueError(f"`keep_masks[{name!r}]` keeps more than {entry.target} allows in some groups.")
-            entry.keep_mask = entry.out_in(keep.to(entry.local.device)).contiguous()
-            if entry.shard is not None:
-                entry.keep_mask = entry.shard.rows_of(entry.keep_mask).contiguous()
-            entry.pattern = entry.target
-
-    def _bind(self) -> None:
-        r"""Follows parameters replaced since construction: `fully_shard` (accelerate's FSDP2 `prepare`) swaps every
-        parameter for a `DTensor` of this rank's rows; whole masks given earlier are cut to those rows."""
-        for name, entry in self.targets.items():
-            param = self._root.get_parameter(self.parameter_names[name])
-            if param is entry.param:
-                continue
-            if entry.latent is not None:
-                raise ValueError(f"{name}: the parameter was replaced while its latent weight was in use.")
-            entry.param, entry.shard = param, row_shard(name, param)
-            if entry.shard is not None and entry.keep_mask is not None and entry.keep_mask.shape == param.shape:
-                entry.keep_mask = entry.shard.rows_of(entry.keep_mask).contiguous()
+            self.targets[name].set_keep_mask(keep)
 
     def _frozen(self, schedule: Schedule) -> bool:
         if self.config.gradient_flow == "none" or self.config.freeze_mask:

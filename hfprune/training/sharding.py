@@ -17,6 +17,18 @@ unstructured          -                 the whole matrix          gathered: one 
 computed exactly as one process computes it, and each rank keeps its rows: the masks are bit-identical to an
 unsharded run, at the cost of one `(out, in)` float tensor per target and mask update. The choice between local and
 gathered depends only on shapes and the world size, so every rank takes the same path (gathers are collective).
+
+The rest of [`GradientFlow`] follows the parameters through `fully_shard` (accelerate's FSDP2 `prepare` swaps them
+for `DTensor`s after the trainer built it, so `start` and `load_state_dict` look them up again and cut masks given
+earlier to the local rows) and speaks in whole tensors at its edges:
+
+- `state_dict` gathers the whole latent weights and masks (every rank calls it; rank 0 writes the checkpoint), and
+  `load_state_dict` keeps the local rows of whole tensors, so a checkpoint resumes at any world size.
+- `gather` turns `final_keep_masks` / `sparse_weights` into whole tensors for `save_model` (collective).
+- `keep_masks` and the `pruning/*` metrics are those of the local rows.
+- FSDP2 writes reduce-scattered gradients without running tensor hooks, so the gradient transforms of
+  `gradient_flow="none"` and `mdgf_backward="scaled"` run in `before_optimizer_step` on the local gradient rows:
+  after gradient clipping, whose norm then includes the gradients of pruned weights (unsharded runs mask first).
 """
 
 from __future__ import annotations
@@ -116,10 +128,12 @@ def shard_keep_mask(
     scores = weight.detach().abs()  # a new tensor, (rows, cols) local
     if keep_mask is not None:
         scores.masked_fill_(~keep_mask, -1.0)
-    def out_in(t):
-        return t.t() if transposed else t
     if pattern.is_nm and (not transposed or shard.chunk % pattern.m == 0):
-        return out_in(keep_mask_from_scores(out_in(scores), pattern)).contiguous()
+        return _out_in(keep_mask_from_scores(_out_in(scores, transposed), pattern), transposed).contiguous()
     whole = shard.gather(scores)  # (rows of the whole weight, cols)
-    keep = out_in(keep_mask_from_scores(out_in(whole), pattern))
+    keep = _out_in(keep_mask_from_scores(_out_in(whole, transposed), pattern), transposed)  # parameter layout
     return shard.rows_of(keep).contiguous()
+
+
+def _out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.t() if transposed else tensor

@@ -110,7 +110,8 @@ class PruningMixin:
         training_args = given.get("args")
         fsdp_config = getattr(training_args, "fsdp_config", None) or {}
         if getattr(training_args, "deepspeed", None) or (
-            getattr(training_args, "fsdp", None) and int(fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))) != 2
+            getattr(training_args, "fsdp", None)
+            and int(fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))) != 2
         ):  # `TrainingArguments` defaults `fsdp_config["version"]` to 2
             raise ValueError(SHARDING_UNSUPPORTED)
         max_steps = getattr(training_args, "max_steps", -1)

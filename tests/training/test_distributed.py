@@ -60,11 +60,11 @@ def test_ddp_equals_one_process_at_the_same_global_batch(runs):
         torch.testing.assert_close(ddp["weights"][name][both], weight[both], atol=1e-5, rtol=1e-4)
 
 
-def test_fsdp_is_refused_on_every_rank(runs):
+def test_fsdp1_is_refused_on_every_rank(runs):
     two, _ = runs
     for rank in (0, 1):
         error = read(two, rank)["fsdp_error"]
-        assert error is not None and "not FSDP or DeepSpeed" in error and "launch with DDP" in error
+        assert error is not None and "not FSDP1 or DeepSpeed" in error and "launch with DDP" in error
 
 
 @pytest.mark.slow

@@ -443,9 +443,9 @@ def test_unsupported_setups(tiny_model, data, tmp_path):
         )
 
 
-def test_fsdp_is_refused_with_a_clear_error(tiny_model, data, tmp_path):
-    args = training_args(tmp_path, fsdp="full_shard")
-    with pytest.raises(ValueError, match="(?s)not FSDP or DeepSpeed.*launch with DDP"):
+def test_fsdp1_is_refused_with_a_clear_error(tiny_model, data, tmp_path):
+    args = training_args(tmp_path, fsdp="full_shard", fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="(?s)not FSDP1 or DeepSpeed.*launch with DDP"):
         PruningTrainer(tiny_model("llama"), args, train_dataset=data, pruning_config=PruningConfig())
 
 

@@ -84,7 +84,13 @@ def main() -> None:
         try:
             PruningTrainer(
                 model,
-                TrainingArguments(output_dir=args.output_dir, use_cpu=True, fsdp="full_shard", report_to=[]),
+                TrainingArguments(
+                    output_dir=args.output_dir,
+                    use_cpu=True,
+                    fsdp="full_shard",
+                    fsdp_config={"version": 1},
+                    report_to=[],
+                ),
                 train_dataset=data,
                 pruning_config=pruning,
             )
