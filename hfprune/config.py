@@ -14,7 +14,13 @@ from typing import Any
 from transformers.utils import PushToHubMixin
 
 from .sparsity import SparsityTarget
-from .utils.checks import check_choice, check_positive, check_regex, name_matches
+from .utils.checks import (
+    check_choice,
+    check_positive,
+    check_regex,
+    name_matches,
+    parse_structure,
+)
 from .utils.files import write_json_atomic
 from .version import __version__
 
@@ -27,8 +33,6 @@ SPARSITY_SCHEDULES = ("constant", "cubic")
 SPARSITY_PROFILES = ("uniform", "owl")
 MDGF_BACKWARDS = ("ste", "scaled")
 STRUCTURED_METHODS = ("magnitude", "sparsegpt", "taylor", "wanda")  # importance criteria of structured pruning
-STRUCTURE_KEYS = ("mlp", "heads", "blocks", "gqa")
-GQA_MODES = ("query", "kv")
 # lm_head, MoE routers (`mlp.gate` in Mixtral, Qwen-MoE, OLMoE, DeepSeek; `router` and `router.layer`) and
 # shared-expert gates (Qwen2-MoE): small matrices that decide where tokens go.
 DEFAULT_IGNORE = ("lm_head", "gate", "shared_expert_gate", r".*\.router(\..+)?")
@@ -400,30 +404,3 @@ class PruningConfig(PushToHubMixin):
             file = hf_hub_download(path, CONFIG_NAME, **kwargs)
         with open(file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-def parse_structure(structure: dict | str | None) -> dict:
-    r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`, int `blocks` and `gqa` or `None`."""
-    if structure is None:
-        structure = {}
-    if isinstance(structure, str):
-        pairs = [item.split("=", 1) for item in structure.replace(" ", "").split(",") if item]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError(f"`structure` must look like 'mlp=0.5,heads=0.25,blocks=1', got {structure!r}.")
-        structure = dict(pairs)
-    unknown = sorted(set(structure) - set(STRUCTURE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown `structure` keys {unknown}; use {list(STRUCTURE_KEYS)}.")
-    parsed = {"mlp": float(structure.get("mlp", 0.0)), "heads": float(structure.get("heads", 0.0))}
-    for key in ("mlp", "heads"):
-        if not 0.0 <= parsed[key] < 1.0:
-            raise ValueError(f"`structure['{key}']` is the fraction removed; it must be in [0, 1), got {parsed[key]}.")
-    blocks = float(structure.get("blocks", 0))
-    if blocks != int(blocks) or blocks < 0:
-        raise ValueError(f"`structure['blocks']` is a number of blocks, a whole number >= 0; got {blocks}.")
-    parsed["blocks"] = int(blocks)
-    gqa = structure.get("gqa")
-    if gqa is not None and gqa not in GQA_MODES:
-        raise ValueError(f"`structure['gqa']` must be one of {GQA_MODES}, got {gqa!r}.")
-    parsed["gqa"] = gqa
-    return parsed

@@ -90,7 +90,7 @@ def prune_structured(
         model (`transformers.PreTrainedModel`): a causal LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, OPT,
             GPT-NeoX).
         structure (`dict`, `str` or [`PruningConfig`]): e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}`; see
-            [`~hfprune.config.parse_structure`]. A `PruningConfig` with `structure` set supplies it and every
+            [`~hfprune.utils.checks.parse_structure`]. A `PruningConfig` with `structure` set supplies it and every
             setting below (`method`, the calibration fields, `dampening`, `pruning_device`, `reinit`).
         method (`str`): `"magnitude"`, `"wanda"`, `"taylor"` or `"sparsegpt"` (OBS removal with reconstruction).
         calibration (*optional*): what [`~hfprune.oneshot.calibration.calibration_windows`] reads: text file,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from huggingface_hub.errors import StrictDataclassError
 
-from ..config import GQA_MODES, STRUCTURE_KEYS, parse_structure  # noqa: F401  (parse_structure: re-exported)
+from ..utils.checks import GQA_MODES, STRUCTURE_KEYS, parse_structure  # noqa: F401  (parse_structure: re-exported)
 from .groups import BlockLayout, head_shape
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 
 
+STRUCTURE_KEYS = ("mlp", "heads", "blocks", "gqa")
+GQA_MODES = ("query", "kv")
+
+
 def name_matches(name: str, pattern: str) -> bool:
     r"""`pattern` matches a module `name` if it equals it, is a dotted suffix of it, or fully matches it as a regex."""
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
@@ -25,3 +29,30 @@ def check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
 def check_positive(field_name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
+
+
+def parse_structure(structure: dict | str | None) -> dict:
+    r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`, int `blocks` and `gqa` or `None`."""
+    if structure is None:
+        structure = {}
+    if isinstance(structure, str):
+        pairs = [item.split("=", 1) for item in structure.replace(" ", "").split(",") if item]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"`structure` must look like 'mlp=0.5,heads=0.25,blocks=1', got {structure!r}.")
+        structure = dict(pairs)
+    unknown = sorted(set(structure) - set(STRUCTURE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown `structure` keys {unknown}; use {list(STRUCTURE_KEYS)}.")
+    parsed = {"mlp": float(structure.get("mlp", 0.0)), "heads": float(structure.get("heads", 0.0))}
+    for key in ("mlp", "heads"):
+        if not 0.0 <= parsed[key] < 1.0:
+            raise ValueError(f"`structure['{key}']` is the fraction removed; it must be in [0, 1), got {parsed[key]}.")
+    blocks = float(structure.get("blocks", 0))
+    if blocks != int(blocks) or blocks < 0:
+        raise ValueError(f"`structure['blocks']` is a number of blocks, a whole number >= 0; got {blocks}.")
+    parsed["blocks"] = int(blocks)
+    gqa = structure.get("gqa")
+    if gqa is not None and gqa not in GQA_MODES:
+        raise ValueError(f"`structure['gqa']` must be one of {GQA_MODES}, got {gqa!r}.")
+    parsed["gqa"] = gqa
+    return parsed
