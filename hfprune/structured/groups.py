@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..models import weight_view
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -167,11 +169,6 @@ class CoupledGroups:
     consumer: Member
     num_buckets: int = 1
     mode: str | None = None  # heads only: "kv" or "query"
-
-
-def weight_view(module: nn.Module) -> torch.Tensor:
-    r"""The module's weight as `(out, in)`: a view, transposed for GPT-2's `Conv1D` which stores `(in, out)`."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 def head_shape(config, layout: BlockLayout) -> tuple[int, int, int]:
