@@ -7,11 +7,18 @@ r"""Peak memory of one-shot pruning, in memory against streaming, and one agains
   `--offload-activations`; 128 calibration windows of 256 tokens. The table gives each run's peak resident set
   size (`VmHWM`: the process's high-water mark, loading and saving included) against the weights' bytes, its wall
   time, and whether its output files are byte-identical to the in-memory run's (same `--max-shard-size`).
+- `peer`: the 2-block wide Llama of `bench_oneshot.py` (same architecture, untied `lm_head`), Wanda and SparseGPT at
+  50%: `hfprune prune` streaming (with and without `--offload-activations`) against llm-compressor's `oneshot` on the
+  same folder and the same 128 x 256 calibration token ids (`benchmarks/llmcompressor_driver.py`, in the environment
+  of `benchmarks/setup_llmcompressor.sh`). hfprune's peak is the whole command's (loading and saving included);
+  llm-compressor's is its process's peak during `oneshot` after the model was loaded (the driver resets the count
+  after loading), so the comparison favours llm-compressor.
 - `processes`: the 2-block wide Llama of `bench_oneshot.py`, SparseGPT and Wanda at 50%, one process against two
   (`torchrun --nproc_per_node 2`), one thread per process, timed side by side in one run.
 
     python benchmarks/bench_memory.py                      # both parts; writes benchmarks/results/memory.md
     python benchmarks/bench_memory.py --only processes
+    python benchmarks/bench_memory.py --only memory --methods sparsegpt --modes streaming "streaming, activations on disk"
     python benchmarks/bench_memory.py --blocks 2 --samples 16 --output /tmp/memory.md   # a quick smoke run
 
 Times are only meaningful on an otherwise idle machine; the table records the load average.
@@ -127,7 +134,8 @@ def memory_part(args, log) -> list[str]:
     ]
     for method in args.methods:
         reference = None
-        for mode, flags in MODES.items():
+        for mode in args.modes:
+            flags = MODES[mode]
             out = WORK_DIR / "out"
             shutil.rmtree(out, ignore_errors=True)
             cli = [
@@ -138,12 +146,60 @@ def memory_part(args, log) -> list[str]:
             stdout = run([sys.executable, __file__, "--worker", *cli], args.threads, log)
             result = json.loads(stdout.strip().splitlines()[-1])
             digest = folder_digest(out)
-            reference = reference or digest
-            same = "yes" if digest == reference else "**no**"
+            if mode == "in memory":
+                reference, same = digest, "(reference)"
+            else:
+                same = "not compared" if reference is None else "yes" if digest == reference else "**no**"
             rows.append(
                 f"| {method} | {mode} | {result['peak_rss'] / GIB:.2f} | {result['peak_rss'] / weight_bytes:.3f} | "
-                f"{result['seconds']:.0f} | {same if mode != 'in memory' else '(reference)'} |"
+                f"{result['seconds']:.0f} | {same} |"
             )
+            print(rows[-1], flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def peer_part(args, log) -> list[str]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hfprune.oneshot.calibration import calibration_windows
+
+    model = WORK_DIR / "llama-2x2048"
+    weight_bytes = build_model(model, 2)
+    ids_file = WORK_DIR / "calibration-2x2048.pt"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    torch.save(calibration_windows(str(model / "calib.txt"), tokenizer, 128, 256, 0), ids_file)  # what hfprune draws
+    setting = (
+        f"Wide Llama of `bench_oneshot.py`, 2 blocks, untied `lm_head`: {weight_bytes / GIB:.2f} GiB of float32 "
+        f"weights; 50%, 128 x 256 calibration tokens (the same ids for both tools), {args.threads} threads."
+    )
+    rows = [
+        setting,
+        "",
+        "| method | hfprune mode | hfprune peak GiB | llm-compressor peak GiB | ratio |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for method in args.methods:
+        out_dir = WORK_DIR / f"llmc-{method}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        command = [
+            str(args.llmc_python), str(REPO_ROOT / "benchmarks" / "llmcompressor_driver.py"), "--model", str(model),
+            "--calibration", str(ids_file), "--method", method, "--sparsity", "0.5", "--threads", str(args.threads),
+            "--output-dir", str(out_dir),
+        ]  # fmt: skip
+        run(command, args.threads, log)
+        peer = json.loads((out_dir / "result.json").read_text())["peak_rss"]
+        for mode in ("streaming", "streaming, activations on disk"):
+            out = WORK_DIR / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            cli = [
+                "prune", str(model), "--method", method, "--sparsity", "0.5", "--calibration", str(model / "calib.txt"),
+                "--num-samples", "128", "--seq-len", "256", "--output", str(out), "--quiet", *MODES[mode],
+            ]  # fmt: skip
+            stdout = run([sys.executable, __file__, "--worker", *cli], args.threads, log)
+            peak = json.loads(stdout.strip().splitlines()[-1])["peak_rss"]
+            rows.append(f"| {method} | {mode} | {peak / GIB:.2f} | {peer / GIB:.2f} | {peak / peer:.2f} |")
             print(rows[-1], flush=True)
             shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -186,11 +242,13 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("memory", "processes"))
+    parser.add_argument("--only", choices=("memory", "peer", "processes"))
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="memory part")
+    parser.add_argument("--llmc-python", default=str(REPO_ROOT / ".cache" / "llmc-venv" / "bin" / "python"))
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "memory.md"))
     args = parser.parse_args()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
@@ -199,6 +257,8 @@ def main() -> None:
     with open(WORK_DIR / "bench.log", "a", encoding="utf-8") as log:
         if args.only in (None, "memory"):
             lines += ["", "## Peak memory", "", *memory_part(args, log)]
+        if args.only in (None, "peer"):
+            lines += ["", "## Against llm-compressor", "", *peer_part(args, log)]
         if args.only in (None, "processes"):
             lines += ["", "## One against two processes", "", *processes_part(args, log)]
     lines += ["", f"Load average after: {os.getloadavg()[0]:.2f}", ""]

@@ -2,6 +2,8 @@ r"""Where a model's repeated decoder blocks are."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -54,11 +56,12 @@ def _has_prunable(module: nn.Module) -> bool:
     return any(is_prunable(m) for m in module.modules())
 
 
-def named_block_matrices(blocks: nn.ModuleList, blocks_path: str) -> dict[str, torch.Tensor]:
-    r"""Every weight matrix of the decoder blocks by parameter name: parameters of two or more dimensions (Linear,
-    Conv1D, fused experts, routers), whether prunable or not. Norms and biases are vectors and not counted."""
-    return {
-        f"{blocks_path}.{name}": read_parameter(blocks, name)
-        for name, param in blocks.named_parameters()
-        if param.dim() >= 2
-    }
+def named_block_matrices(blocks: nn.ModuleList, blocks_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    r"""Every weight matrix of the decoder blocks as `(parameter name, value)`: parameters of two or more dimensions
+    (Linear, Conv1D, fused experts, routers), whether prunable or not. Norms and biases are vectors and not counted.
+
+    Lazy: an offloaded weight is read from its offload map when its turn comes, so a caller that drops each value
+    before the next holds one matrix at a time, never the whole model."""
+    for name, param in blocks.named_parameters():
+        if param.dim() >= 2:
+            yield f"{blocks_path}.{name}", read_parameter(blocks, name)

@@ -91,6 +91,8 @@ def onloaded(
             _set(module, name, None)
         for _, hook in hooked:
             hook.offload = True
+        materialised.clear()
+        release_freed_memory()
 
 
 def check_writable(block: nn.Module, offload_folder: str | None) -> None:
@@ -191,18 +193,52 @@ def _write_back(weights_map, name: str, value: torch.Tensor, offload_folder: str
 
 
 def streaming_device_map(model: nn.Module, blocks_path: str, num_blocks: int) -> dict[str, str]:
-    r"""A `device_map` that leaves every decoder block on `"disk"` (read from the checkpoint when used) and the rest
-    of `model` (embeddings, final norm, head: built on `meta` for this) on `"cpu"`."""
+    r"""A `device_map` for pruning `model` (built on `meta` for this) straight from its checkpoint: every decoder
+    block on `"disk"` (read from the checkpoint when used), and so are the input embeddings and the output head unless
+    they share their weight (tied embeddings stay on `"cpu"`: accelerate cannot offload one tensor to two places);
+    the rest (final norm, rotary tables) on `"cpu"`."""
     device_map: dict[str, str] = {f"{blocks_path}.{i}": "disk" for i in range(num_blocks)}
+    on_disk = _untied_embeddings(model)
     parts = blocks_path.split(".")
     module, prefix = model, ""
     for depth, part in enumerate(parts):
         for name, _ in module.named_children():
             if name != part:
-                device_map[f"{prefix}{name}"] = "cpu"
+                device_map[f"{prefix}{name}"] = "disk" if f"{prefix}{name}" in on_disk else "cpu"
         for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             device_map[f"{prefix}{name}"] = "cpu"
         module, prefix = getattr(module, part), f"{prefix}{part}."
         if depth == len(parts) - 1:
             break
     return device_map
+
+
+def _untied_embeddings(model: nn.Module) -> set[str]:
+    r"""Module names of the input embeddings and the output head, when each has a weight of its own."""
+    getters = [getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)]
+    found = [g() for g in getters if g is not None]
+    found = [m for m in found if isinstance(m, nn.Module) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    if len(found) == 2 and found[0].weight is found[1].weight:
+        return set()
+    names = {id(m): name for name, m in model.named_modules()}
+    return {names[id(m)] for m in found if id(m) in names}
+
+
+def release_freed_memory() -> None:
+    r"""Hands the heap pages of freed tensors back to the operating system (glibc only; elsewhere a no-op).
+
+    glibc serves allocations below its mmap threshold (up to 32 MiB) from the heap and keeps freed pages there, so
+    without this every onloaded-and-dropped block leaves part of its weights in the resident set."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -125,7 +125,7 @@ def prune(
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
-    for weight in named_block_matrices(blocks, blocks_path).values():
+    for _, weight in named_block_matrices(blocks, blocks_path):
         report.block_numel += weight.numel()
         report.block_zeros += weight.numel() - int(torch.count_nonzero(weight))
     if skipped:

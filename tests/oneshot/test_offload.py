@@ -70,7 +70,9 @@ def test_disk_offload_from_the_checkpoint_needs_an_offload_folder(saved, calibra
 
 
 def test_cpu_offloaded_model_prunes_in_its_state_dict(saved, calibration_ids):
-    folder, reference, _ = saved
+    from safetensors.torch import load_file
+
+    folder, _, _ = saved
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     cpu_offload(model, execution_device=torch.device("cpu"))
     assert is_offloaded(model.model.layers[1])
@@ -109,3 +111,42 @@ def test_activations_on_disk_give_the_same_model(tiny_model, calibration_ids, tm
     assert not any(name.startswith("hfprune-activations-") for name in __import__("os").listdir(tmp_path))  # removed
     for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(param, ref), name
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streaming_map_leaves_untied_embeddings_on_disk(tiny_model, tied):
+    from hfprune.models.offload import streaming_device_map
+
+    model = tiny_model("llama", num_hidden_layers=2, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    device_map = streaming_device_map(model, "model.layers", 2)
+    where = "cpu" if tied else "disk"  # one tensor cannot be offloaded to two places
+    assert device_map == {
+        "model.layers.0": "disk",
+        "model.layers.1": "disk",
+        "model.embed_tokens": where,
+        "lm_head": where,
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+    }
+
+
+def test_block_matrices_are_read_one_at_a_time(saved, tmp_path, monkeypatch):
+    import hfprune.models.blocks
+    from hfprune.models import find_decoder_blocks, named_block_matrices
+
+    from safetensors.torch import load_file
+
+    folder, _, _ = saved
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map=disk_map({0, 1, 2}), offload_folder=tmp_path / "o")
+    reads = []
+    original = hfprune.models.blocks.read_parameter
+    monkeypatch.setattr(hfprune.models.blocks, "read_parameter", lambda m, n: reads.append(n) or original(m, n))
+    path, blocks = find_decoder_blocks(model)
+    matrices = named_block_matrices(blocks, path)
+    assert reads == []  # lazy: nothing is read (or held) before it is asked for
+    name, first = next(matrices)
+    assert reads == ["0.self_attn.q_proj.weight"] and name == "model.layers.0.self_attn.q_proj.weight"
+    dense = load_file(folder / "model.safetensors")  # `reference` is the pruned copy; this model is still dense
+    assert torch.equal(first, dense["model.layers.0.self_attn.q_proj.weight"])
+    assert len(list(matrices)) == 3 * 7 - 1
