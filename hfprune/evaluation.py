@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import named_weights, read_weight
+from .models.offload import execution_device
 from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
 from .sparsity import sparsity_of
 
@@ -104,10 +105,12 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    r"""Where a model's inputs go: the device of its input embeddings (its first parameter without them)."""
+    r"""Where a model's inputs go: the device of its input embeddings (its first parameter without them); for
+    embeddings offloaded by a `device_map` (on `meta`), the device their hook runs them on."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
+        device = embeddings.weight.device
+        return (execution_device(embeddings) or device) if device.type == "meta" else device
     return next(model.parameters()).device
 
 

@@ -121,3 +121,17 @@ def test_perplexity_moves_the_model_to_the_device_it_runs_on_and_back(tiny_model
         perplexity(model, data=ids, seq_len=32, progress=False)
     )
     assert moves == [torch.device("cpu", 0), torch.device("cpu")]
+
+
+def test_perplexity_of_a_model_whose_embeddings_are_offloaded_to_disk(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", device_map={**device_map, "lm_head": "disk"}, offload_folder=tmp_path / "offload"
+    )
+    assert model.model.embed_tokens.weight.device.type == "meta"  # the inputs go where its hook runs it: the CPU
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, data=ids, progress=False) == pytest.approx(perplexity(reference, data=ids, progress=False))

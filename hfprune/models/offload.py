@@ -35,6 +35,16 @@ def offload_hooks(module: nn.Module) -> list:
     return [h for h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    r"""The device `module`'s accelerate hook runs it on (`None` without a hook that says)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
 def is_offloaded(module: nn.Module) -> bool:
     r"""Whether any parameter of `module` (or its submodules) lives in an accelerate offload map."""
     return any(offload_hooks(m) for m in module.modules())

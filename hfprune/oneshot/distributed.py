@@ -51,14 +51,11 @@ class Ranks:
         return unit % self.world_size
 
     def reduce_statistic(self, statistic) -> None:
-        r"""Sums a statistic's accumulators over all ranks, in place."""
+        r"""Sums a statistic's accumulator buffer over all ranks, in place. Its token count is not touched: the
+        driver sets it from the collectors' counts with [`reduce_count`], already summed over the ranks."""
         if not self.distributed:
             return
         dist.all_reduce(statistic.sum)
-        if hasattr(statistic, "tokens"):
-            count = torch.tensor([statistic.tokens], dtype=torch.float64, device=statistic.sum.device)
-            dist.all_reduce(count)
-            statistic.tokens = int(count.item())
 
     def reduce_count(self, count: int, device: torch.device) -> int:
         if not self.distributed:

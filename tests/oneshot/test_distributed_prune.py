@@ -52,6 +52,9 @@ def test_two_processes_prune_like_one(model_dir, tmp_path):
         assert nm_violations(weights_two[f"{name}.weight"], 2, 4) == 0, name
         # the Hessians are summed in another order: equal up to float rounding
         torch.testing.assert_close(weights_two[f"{name}.weight"], weights_one[f"{name}.weight"], rtol=1e-3, atol=1e-3)
+        # the reconstruction error is measured on the Hessian of all tokens, divided by their count once
+        error_two, error_one = two["report"]["modules"][name]["error"], one["report"]["modules"][name]["error"]
+        assert error_two == pytest.approx(error_one, rel=1e-3), name
     ppl_two, ppl_one = two["perplexity"]["pruned"], one["perplexity"]["pruned"]
     assert abs(ppl_two / ppl_one - 1) < 1e-3, (ppl_two, ppl_one)
 

@@ -70,9 +70,7 @@ def test_disk_offload_from_the_checkpoint_needs_an_offload_folder(saved, calibra
 
 
 def test_cpu_offloaded_model_prunes_in_its_state_dict(saved, calibration_ids):
-    from safetensors.torch import load_file
-
-    folder, _, _ = saved
+    folder, reference, _ = saved
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     cpu_offload(model, execution_device=torch.device("cpu"))
     assert is_offloaded(model.model.layers[1])
