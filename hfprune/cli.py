@@ -17,7 +17,7 @@ from typing import Any
 from .analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
 from .cli_prune import cmd_prune
 from .cli_utils import CLIError, load_model
-from .config import CONFIG_NAME, ONESHOT_METHODS, STRUCTURED_METHODS, PruningConfig
+from .config import CONFIG_NAME, MASK_REFINEMENTS, ONESHOT_METHODS, STRUCTURED_METHODS, PruningConfig
 from .launch import process_group
 
 
@@ -31,6 +31,7 @@ PRUNE_FIELDS = (
     "targets",
     "ignore",
     "sparsity_overrides",
+    "mask_refinement",
     "skip_incompatible",
     "block_size",
     "dampening",
@@ -142,6 +143,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "method":
             kwargs.update(choices=sorted(set(ONESHOT_METHODS) | set(STRUCTURED_METHODS)), required=True)
             kwargs.pop("default")
+        elif name == "mask_refinement":
+            kwargs["choices"] = MASK_REFINEMENTS
         else:
             kwargs["type"] = scalar if scalar in (int, float) else str
         parser.add_argument(*flags, **kwargs)

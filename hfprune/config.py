@@ -33,6 +33,7 @@ SPARSITY_SCHEDULES = ("constant", "cubic")
 SPARSITY_PROFILES = ("uniform", "owl")
 MDGF_BACKWARDS = ("ste", "scaled")
 STRUCTURED_METHODS = ("magnitude", "sparsegpt", "taylor", "wanda")  # importance criteria of structured pruning
+MASK_REFINEMENTS = ("dsnot",)
 # lm_head, MoE routers (`mlp.gate` in Mixtral, Qwen-MoE, OLMoE, DeepSeek; `router` and `router.layer`) and
 # shared-expert gates (Qwen2-MoE): small matrices that decide where tokens go.
 DEFAULT_IGNORE = ("lm_head", "gate", "shared_expert_gate", r".*\.router(\..+)?")
@@ -117,6 +118,15 @@ class PruningConfig(PushToHubMixin):
     )
     owl_lambda: float = field(
         default=0.08, metadata={"help": "OWL's lambda: block sparsities spread over a window 2 * lambda wide."}
+    )
+    mask_refinement: str | None = field(
+        default=None,
+        metadata={
+            "help": "Refine every module's one-shot keep mask after `method` chose it: 'dsnot' (DSnoT, Zhang et al. "
+            "2024: training-free swaps of pruned and kept weights in each row that shrink the expected output error "
+            "on the calibration inputs, the pattern unchanged; SparseGPT and ADMM then re-solve the kept weights). "
+            "Needs a calibrated `method` ('sparsegpt', 'admm', 'wanda'). Default: no refinement."
+        },
     )
     skip_incompatible: bool = field(
         default=False,
@@ -257,6 +267,20 @@ class PruningConfig(PushToHubMixin):
                 raise ValueError(
                     f"`method`={self.method!r} is unknown{' for `structure`' if self.structure else ''}; choose one "
                     f"of {', '.join(choices)}."
+                )
+        if self.mask_refinement is not None:
+            self.mask_refinement = self.mask_refinement.lower()
+            check_choice("mask_refinement", self.mask_refinement, MASK_REFINEMENTS)
+            if self.structure:
+                raise ValueError(
+                    f"`mask_refinement`={self.mask_refinement!r} refines sparsity masks; `structure` removes whole "
+                    "channels and heads instead. Leave `mask_refinement` unset for structured pruning."
+                )
+            if self.method in (None, "magnitude"):
+                raise ValueError(
+                    f"`mask_refinement`={self.mask_refinement!r} needs calibration statistics (the mean and variance "
+                    f"of every input), which `method`={self.method!r} does not collect; use `method`='wanda', "
+                    "'sparsegpt' or 'admm'."
                 )
         check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
         check_choice("sparsity_profile", self.sparsity_profile, SPARSITY_PROFILES)

@@ -288,20 +288,27 @@ def _failed_in_block(error: Exception, index: int, targets: dict, report: Prunin
 
 
 def _prepare(method: PruningMethod, statistic, tokens: int, name: str, config: PruningConfig):
-    r"""What the kernel consumes for one input; `None` (magnitude fallback) below `min_calibration_tokens`."""
+    r"""What the kernel consumes for one input, with the input's moments when `mask_refinement` is set; `None`
+    (magnitude fallback) below `min_calibration_tokens`."""
+    from .refinement import RefinementInputs
+
     if tokens < config.min_calibration_tokens:
         logger.warning(
             f"{name} saw {tokens} calibration tokens, fewer than `min_calibration_tokens`="
             f"{config.min_calibration_tokens}: pruned by magnitude instead of {method.name}."
         )
         return None
+    moments = statistic.moments() if config.mask_refinement else None  # before `result()` hands the buffer over
     with no_tf32():
-        return method.prepare(statistic.result(), config) if method.prepare else statistic.result()
+        prepared = method.prepare(statistic.result(), config) if method.prepare else statistic.result()
+    return prepared if moments is None else RefinementInputs(prepared, moments)
 
 
 def _prune_module(name, target, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
     r"""Prunes one target with `stats` (for fused experts: `{expert: stats}`) and records it. `None` statistics
-    fall back to magnitude pruning; the whole weight is written back once."""
+    fall back to magnitude pruning; `mask_refinement` refines the method's mask; the weight is written back once."""
+    from .refinement import prune_and_refine
+
     start = time.perf_counter()
     pattern: SparsityTarget = config.target_for(name)
     weight = weight_view(target)  # (out, in), or (E, out, in) for fused experts: a view of the parameter
@@ -311,7 +318,7 @@ def _prune_module(name, target, method: PruningMethod, stats, config: PruningCon
     for i, matrix in enumerate(matrices):
         kernel = method if per_matrix[i] is not None or method.statistic == "none" else get_method("magnitude")
         with no_tf32():
-            result = kernel.prune_weight(matrix.detach(), per_matrix[i], pattern, config)
+            result = prune_and_refine(kernel, matrix.detach(), per_matrix[i], pattern, config)
         matrix.copy_(result.weight)
         errors.append(result.error)
         keep_masks.append(result.keep_mask)

@@ -26,13 +26,33 @@ Defaults are the reference code's: `max_cycles = 50`, `var_power = 1`. Its `upda
 the mean input used here. The code keeps the sign check for N:M masks but skips it for unstructured ones; without it
 `eps` overshoots and swings from cycle to cycle, and in hfprune's measurements the layer output error grew (1.8x at
 50% and 1.9x at 70% on a small trained Llama, from Wanda masks), so the check is on for both.
+
+**In one-shot pruning** (`PruningConfig(mask_refinement="dsnot")`, after `sparsegpt`, `wanda` or `admm`;
+[`prune_and_refine`]): the method prunes a module, then DSnoT refines its keep mask with the dense weight and the
+calibration moments of the module's input (`E[X_j]`, `Var[X_j]` and `E[X_j^2]` in place of `||X_j||^2`, from the
+driver's statistics, [`~hfprune.oneshot.statistics.ColumnMoments`]). The counts of the method's mask stay exact: per
+row for unstructured masks (whatever the method's own counts were), per group of `m` for N:M. The weights are then:
+
+- for a method with a fixed-mask weight update (`PruningMethod.reconstruct`: SparseGPT's column sweep, ADMM's
+  [`~hfprune.oneshot.methods.admm.admm_update`]), that update **re-run on the refined mask** from the dense weight.
+  Keeping the method's updated weights where still kept and the dense ones where grown back would mix two solutions:
+  the update had compensated for the weights now grown back, and not for the ones now pruned;
+- for a method without one (Wanda), the method's weights where still kept and the dense weight where grown back,
+  which for Wanda is the dense weight under the refined mask.
+
+The reported `error` is that of the re-run update (SparseGPT, ADMM), or none. Modules pruned by magnitude because
+they saw too few calibration tokens are not refined.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..sparsity import ACCUMULATE_DTYPE, SparsityTarget
+from .methods import PruneResult, PruningMethod
+from .statistics import ColumnMoments
 
 
 DEFAULT_MAX_CYCLES = 50
@@ -155,3 +175,43 @@ def dsnot_refine(
         prune_ptr += step
         active = commit
     return keep
+
+
+class RefinementInputs(NamedTuple):
+    r"""What one input hands to [`prune_and_refine`] when `mask_refinement` is set."""
+
+    stats: object
+    """What the method's kernel consumes (the prepared statistic)."""
+    moments: ColumnMoments
+    """The input's calibration moments, for DSnoT."""
+
+
+def prune_and_refine(
+    method: PruningMethod, weight: torch.Tensor, stats, target: SparsityTarget, config=None
+) -> PruneResult:
+    r"""`method.prune_weight(weight, stats, target, config)`, then DSnoT on its keep mask when `stats` is
+    [`RefinementInputs`] (the driver passes those when `config.mask_refinement == "dsnot"`).
+
+    Args:
+        method ([`~hfprune.oneshot.methods.PruningMethod`]): the registered method.
+        weight (`torch.Tensor` of shape `(out, in)`): the dense weight; not modified.
+        stats: what the kernel consumes, or [`RefinementInputs`] wrapping it with the input's moments.
+        target ([`~hfprune.sparsity.SparsityTarget`]): the module's pattern.
+        config ([`PruningConfig`], *optional*): passed on to the kernel and the weight update.
+
+    Returns [`~hfprune.oneshot.methods.PruneResult`], with the weights chosen as the module docstring says.
+    """
+    if not isinstance(stats, RefinementInputs):
+        return method.prune_weight(weight, stats, target, config)
+    result = method.prune_weight(weight, stats.stats, target, config)
+    moments = stats.moments
+    keep = dsnot_refine(
+        weight, result.keep_mask, moments.mean, moments.second_moment, target, input_var=moments.variance
+    )
+    if torch.equal(keep, result.keep_mask):
+        return result
+    if method.reconstruct is not None:
+        return method.reconstruct(weight, stats.stats, keep, config)
+    grown = keep & ~result.keep_mask  # (out, in)
+    kept = result.weight.masked_fill(~keep, 0.0)  # +0.0, never -0.0
+    return PruneResult(torch.where(grown, weight.to(kept.dtype), kept), keep, None)

@@ -188,7 +188,15 @@ def admm_update(weight: torch.Tensor, factor: ADMMFactor, keep_mask: torch.Tenso
         return _finish(Z, factor, W0, weight, keep)
 
 
-@register_method("admm", statistic="hessian", prepare=prepare)
+def reconstruct(weight: torch.Tensor, factor: ADMMFactor, keep_mask: torch.Tensor, config=None) -> PruneResult:
+    r"""[`admm_update`] with `admm_iterations` (default 20) iterations: the registry's fixed-mask weight update, used
+    after a mask refinement (DSnoT) changed ADMM's own mask."""
+    return admm_update(
+        weight, factor, keep_mask, iterations=int(_hyper(config, "admm_iterations", DEFAULT_ITERATIONS))
+    )
+
+
+@register_method("admm", statistic="hessian", prepare=prepare, reconstruct=reconstruct)
 def prune_weight(weight: torch.Tensor, factor: ADMMFactor, target: SparsityTarget, config=None) -> PruneResult:
     r"""Prunes `weight` `(out, in)` with ADMM and gradual mask selection.
 

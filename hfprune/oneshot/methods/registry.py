@@ -1,9 +1,11 @@
 r"""The explicit registry of one-shot pruning methods.
 
 A method is a pure kernel `prune_weight(weight, stats, target, config) -> PruneResult` plus the name of the
-calibration statistic it reads (`"none"`, `"input_norm"` or `"hessian"`) and an optional `prepare(stats, config)`
+calibration statistic it reads (`"none"`, `"input_norm"` or `"hessian"`), an optional `prepare(stats, config)`
 that turns the raw statistic into what the kernel consumes, once per distinct input (modules that read the same
-input, such as q/k/v, share it).
+input, such as q/k/v, share it), and, for methods that update weights, an optional
+`reconstruct(weight, stats, keep_mask, config) -> PruneResult` that solves for the kept weights of a **fixed** keep
+mask (used after a mask refinement changed the method's mask; see [`~hfprune.oneshot.refinement`]).
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ class PruningMethod:
     statistic: str
     prune_weight: Callable[..., PruneResult]
     prepare: Callable[..., object] | None = None
+    reconstruct: Callable[..., PruneResult] | None = None
+    """The method's weight update for a fixed keep mask; `None` for methods that keep the dense weights (Wanda)."""
 
 
 METHODS: dict[str, PruningMethod] = {}
 
 
-def register_method(name: str, statistic: str = "none", prepare: Callable[..., object] | None = None):
+def register_method(
+    name: str,
+    statistic: str = "none",
+    prepare: Callable[..., object] | None = None,
+    reconstruct: Callable[..., PruneResult] | None = None,
+):
     r"""Decorator that registers a kernel under `name` in [`METHODS`]."""
     if name != name.lower() or not name.isidentifier():
         raise ValueError(f"method name {name!r} must be a lowercase identifier.")
@@ -48,7 +57,9 @@ def register_method(name: str, statistic: str = "none", prepare: Callable[..., o
     def decorator(fn):
         if name in METHODS:
             raise ValueError(f"a pruning method named {name!r} is already registered.")
-        METHODS[name] = PruningMethod(name=name, statistic=statistic, prune_weight=fn, prepare=prepare)
+        METHODS[name] = PruningMethod(
+            name=name, statistic=statistic, prune_weight=fn, prepare=prepare, reconstruct=reconstruct
+        )
         return fn
 
     return decorator

@@ -52,7 +52,15 @@ def factorize(H: torch.Tensor, config=None) -> SparseGPTFactor:
     return SparseGPTFactor(U, dead)
 
 
-@register_method("sparsegpt", statistic="hessian", prepare=factorize)
+def reconstruct(weight: torch.Tensor, factor: SparseGPTFactor, keep_mask: torch.Tensor, config=None) -> PruneResult:
+    r"""SparseGPT's weight update for a **fixed** `keep_mask` `(out, in)`: the same column sweep as [`prune_weight`]
+    with the mask given instead of chosen (the OBS update of every pruned weight spread over the columns to its
+    right). Used after a mask refinement (DSnoT) changed SparseGPT's own mask; dead inputs are pruned as usual.
+    """
+    return _sweep(weight, factor, None, 128 if config is None else config.block_size, keep_mask)
+
+
+@register_method("sparsegpt", statistic="hessian", prepare=factorize, reconstruct=reconstruct)
 def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: SparsityTarget, config=None) -> PruneResult:
     r"""Prunes and updates `weight` `(out, in)` with SparseGPT (paper Alg. 1).
 
@@ -77,7 +85,11 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
     `w^2 / U_jj^2`. N:M masks are chosen every `m` columns from the weights *as updated so far*, which is why that
     selection stays inside the column loop.
     """
-    block_size = 128 if config is None else config.block_size
+    return _sweep(weight, factor, target, 128 if config is None else config.block_size, None)
+
+
+def _sweep(weight, factor: SparseGPTFactor, target: SparsityTarget | None, block_size: int, keep_mask) -> PruneResult:
+    r"""The column sweep of [`prune_weight`]; with `keep_mask` given (and `target=None`) no mask is chosen."""
     U, dead = factor
     rows, cols = weight.shape
     # Work on the transpose (in, out): column j of W is then the contiguous row Wt[j], which makes the per-column
@@ -85,9 +97,11 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
     Wt = weight.t().to(ACCUMULATE_DTYPE, memory_format=torch.contiguous_format, copy=True)  # (in, out)
     Wt[dead] = 0
     pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)  # (in, out)
+    fixed_t = None if keep_mask is None else ~keep_mask.to(Wt.device, torch.bool).t()  # (in, out): pruned, given
     loss = torch.zeros((), dtype=ACCUMULATE_DTYPE, device=Wt.device)
-    n, m = target.n, target.m
-    sub = m * -(-16 // m) if target.is_nm else 16  # sub-block width, a multiple of m
+    nm = target is not None and target.is_nm
+    n, m = (target.n, target.m) if nm else (0, 1)
+    sub = m * -(-16 // m) if nm else 16  # sub-block width, a multiple of m
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -97,7 +111,9 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
         d = U1.diagonal()  # (B,)
         E = torch.zeros_like(W1)  # (B, out): err_j = (w_j - q_j) / U_jj
         pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # (B, out)
-        if not target.is_nm:
+        if fixed_t is not None:
+            pruned1 = fixed_t[i1:i2].clone()
+        elif not nm:
             k = num_to_prune(rows * width, target.sparsity)
             if k:
                 pruned1 = lowest_mask(W1.square() / d.square()[:, None], k)
@@ -105,7 +121,7 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
         for s1 in range(0, width, sub):
             s2 = min(s1 + sub, width)
             for j in range(s1, s2):
-                if target.is_nm and j % m == 0:
+                if nm and j % m == 0:
                     # Chosen from the already-updated W1: earlier columns moved these weights. The group is the
                     # slab layout `keep_top_n` takes, so the tie rule is that of every other selector.
                     scores = W1[j : j + m].square() / d[j : j + m, None].square()  # (m, out)
