@@ -1,6 +1,7 @@
-r"""Structured pruning benchmark: perplexity with no training, torch-pruning as the peer, and CPU speed.
+r"""Structured pruning benchmark: perplexity with no training, torch-pruning as the peer, CPU speed, and recovery by
+training.
 
-Three parts:
+Four parts:
 
 - `kdoc`: the small trained Llama at `--model` (default `../shared/models/llama-kdoc-5m`). Every method
   (`sparsegpt`, `wanda`, `taylor`, `magnitude`) at `mlp=0.25`, `mlp=0.5`, `heads=0.5` and `blocks=1` with
@@ -19,9 +20,19 @@ Three parts:
   interleaved (dense, pruned, pruned, dense, ...), and the ratio is the median over rounds of each round's
   pruned / dense time, so a shared machine slows both sides alike. Peak memory is VmHWM of a fresh subprocess per
   model after loading it and running one prefill.
+- `recovery`: the same model at `mlp=0.5` with `sparsegpt` (the `kdoc` calibration), then `--recovery-steps` (300)
+  optimizer steps on the same batches in the same order (`--recovery-batch-size` 8 windows x 256 tokens drawn from
+  its `train.txt`, seed 0, no shuffling) for every row: (a) distillation from the dense model (`PruningTrainer`
+  with `teacher_model`, `pruning_config=None`: logit KL, T = 1, no LM loss), (b) LM loss, (c) the pruned
+  architecture re-initialized (`hfprune.reinit_like`, the "Rethinking the Value of Network Pruning" baseline) with
+  LM loss, (d) a randomly initialized dense Llama of the same parameter count with one block fewer (the
+  `intermediate_size` solved for the count; with all blocks that is architecture (c) itself) with LM loss. AdamW
+  (betas 0.9/0.95, weight decay 0.1, the model's own pre-training settings), 3% warm-up then cosine, gradient
+  clipping 1.0, fp32; learning rate `--recovery-lr` for the pruned models and `--scratch-lr` (the pre-training peak)
+  for the random ones. Perplexity on all of `eval.txt` before and after.
 
     python benchmarks/bench_structured.py                   # everything; writes benchmarks/results/structured.md
-    python benchmarks/bench_structured.py --only kdoc       # perplexity part only (also: tp, speed)
+    python benchmarks/bench_structured.py --only kdoc       # perplexity part only (also: tp, speed, recovery)
     bash benchmarks/setup_torch_pruning.sh                  # once, for the tp part (else it is skipped)
 
 Partial runs write under `.cache/bench-structured/` unless `--output` says otherwise.
@@ -49,6 +60,7 @@ METHODS = ("sparsegpt", "wanda", "taylor", "magnitude")
 STRUCTURES = ("mlp=0.25", "mlp=0.5", "heads=0.5", "blocks=1")
 TP_CRITERIA = ("l2", "l1", "taylor")
 SPEED_STRUCTURES = ("mlp=0.5", "mlp=0.5,heads=0.5")
+PARTS = ("kdoc", "tp", "speed", "recovery")
 GOALS = {"mlp=0.5": 0.75, "mlp=0.5,heads=0.5": 0.6}
 WIDE_CONFIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 2, "num_attention_heads": 16}
 WIDE_CONFIG.update(num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512)
@@ -243,9 +255,143 @@ def run_speed(args, log) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# recovery: training after structured pruning, against training from scratch
+# ---------------------------------------------------------------------------------------------------------------
+def matched_dense_config(config, params: int):
+    r"""`config` with one block fewer and the `intermediate_size` that gives `params` parameters (linear in it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def build(intermediate: int):
+        fields = {"num_hidden_layers": config.num_hidden_layers - 1, "intermediate_size": intermediate}
+        small = type(config).from_dict({**config.to_dict(), **fields})
+        with torch.device("meta"):
+            return small, count_params(AutoModelForCausalLM.from_config(small))
+
+    (_, one), (_, two) = build(1), build(2)
+    return build(max(1, round(1 + (params - one) / (two - one))))[0]
+
+
+def train_recovery(args, model, windows, learning_rate: float, teacher=None) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from hfprune import PruningTrainer
+
+    training_args = TrainingArguments(
+        output_dir=str(WORK_DIR / "recovery-run"), max_steps=args.recovery_steps,
+        per_device_train_batch_size=args.recovery_batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=0.03, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=0,
+        train_sampling_strategy="sequential", logging_steps=max(1, args.recovery_steps // 10), save_strategy="no",
+        report_to=[], disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in windows]
+    model.train()
+    if teacher is None:
+        trainer = Trainer(model, training_args, train_dataset=data)
+    else:
+        trainer = PruningTrainer(model, training_args, train_dataset=data, pruning_config=None, teacher_model=teacher)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "final_loss": losses[-1] if losses else float("nan")}
+
+
+def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.structured import prune_structured, reinit_like
+
+    steps, batch = args.recovery_steps, args.recovery_batch_size
+    windows = calibration_windows(os.path.join(args.model, "train.txt"), tokenizer, steps * batch, 256, seed=0)
+    dense = load(args.model)
+    dense_row = {"row": "-", "model": "dense (teacher)", "params": count_params(dense), "loss": "-", "lr": 0.0}
+    dense_row.update(before=evaluate(dense, tokenizer, args.model), after=None, seconds=0.0)
+    rows.append(dense_row)
+    log(f"recovery dense: ppl {dense_row['before']:.2f}")
+    pruned = load(args.model)
+    prune_structured(pruned, "mlp=0.5", "sparsegpt", ids, num_calibration_samples=ids.shape[0],
+                     calibration_seq_len=ids.shape[1], device="cpu", progress=False)  # fmt: skip
+    pruned_ppl = evaluate(pruned.eval(), tokenizer, args.model)
+    torch.manual_seed(0)
+    scratch = AutoModelForCausalLM.from_config(matched_dense_config(dense.config, count_params(pruned)))
+    shape = (
+        f"dense Llama, {scratch.config.num_hidden_layers} blocks, MLP {scratch.config.intermediate_size}, random init"
+    )
+    cases = [  # row, model, what, loss, learning rate, teacher
+        ("a", copy.deepcopy(pruned), "sparsegpt mlp=0.5", "distillation (KL)", args.recovery_lr, dense),
+        ("b", copy.deepcopy(pruned), "sparsegpt mlp=0.5", "LM", args.recovery_lr, None),
+        ("c", reinit_like(pruned, seed=0), "mlp=0.5 architecture, re-initialized", "LM", args.scratch_lr, None),
+        ("d", scratch, shape, "LM", args.scratch_lr, None),
+    ]  # fmt: skip
+    del pruned
+    for name, model, what, loss, lr, teacher in cases:
+        row = {"row": name, "model": what, "params": count_params(model), "loss": loss, "lr": lr}
+        row["before"] = pruned_ppl if name in ("a", "b") else evaluate(model.eval(), tokenizer, args.model)
+        row.update(train_recovery(args, model, windows, lr, teacher))
+        row["after"] = evaluate(model.eval(), tokenizer, args.model)
+        rows.append(row)
+        save()
+        log(f"recovery ({name}) {loss}: ppl {row['before']:.2f} -> {row['after']:.2f}, {row['seconds']:.0f} s")
+
+
+def recovery_lines(args, rows: list) -> list[str]:
+    dense = rows[0]["before"]
+    tokens = args.recovery_steps * args.recovery_batch_size * 256
+    lines = [
+        f"## Recovery by training after structured pruning ({Path(args.model).name})",
+        "",
+        (
+            f"`mlp=0.5` with `sparsegpt` (calibration as above), then {args.recovery_steps} optimizer steps of "
+            f"{args.recovery_batch_size} x 256 tokens ({tokens:,} tokens) drawn from `train.txt` (seed 0), the same "
+            "batches in the same order for every row. (a) distillation from the dense model with `PruningTrainer"
+            "(..., pruning_config=None, teacher_model=dense)`: T^2 KL(teacher || student) on the logits at T = 1, no LM "
+            "loss; (b)-(d) the LM loss with `transformers.Trainer`. AdamW betas 0.9/0.95, weight decay 0.1, 3% warm-up "
+            "then cosine, clipping 1.0, fp32. The dense model was pre-trained on 4,048,896 tokens (its MODEL.md). "
+            "Perplexity on all of `eval.txt` (256-token windows). `loss` is the last logged training loss: the KL for "
+            "(a), the cross-entropy otherwise."
+        ),
+        "",
+        "| row | model | params | trained on | lr | ppl before | ppl after | after / dense | last loss | train s |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        after = f"{r['after']:.2f} | {r['after'] / dense:.3f}" if r["after"] is not None else "- | -"
+        loss = f"{r['final_loss']:.4f}" if "final_loss" in r else "-"
+        lr = f"{r['lr']:g}" if r["lr"] else "-"
+        seconds = f"{r['seconds']:.0f}" if r["seconds"] else "-"
+        lines.append(f"| {r['row']} | {r['model']} | {r['params']:,} | {r['loss']} | {lr} | {r['before']:.2f} "
+                     f"| {after} | {loss} | {seconds} |")  # fmt: skip
+    done = {r["row"]: r["after"] for r in rows if r["after"] is not None}
+    lines += ["", '**What "Rethinking the Value of Network Pruning" predicts, and what is seen.**', ""]
+    lines.append(
+        "Liu et al. (ICLR 2019) find that for predefined target architectures, such as a uniform cut of every MLP, "
+        "training the small architecture from scratch matches fine-tuning the pruned model, given a comparable "
+        "training budget (Scratch-E: as many epochs as the large model's training; Scratch-B: as much compute): the "
+        "architecture, not the inherited weights, carries the value. The prediction is made for budgets on the scale "
+        "of the large model's pre-training; here rows (c) and (d) get "
+        f"{tokens:,} tokens, {tokens / 4_048_896:.3g}x what the dense model was pre-trained on."
+    )
+    if {"b", "c"} <= set(done):
+        verdict = "matches" if done["c"] <= 1.05 * done["b"] else "does not match"
+        lines += ["", (
+            f"Seen: from scratch, the pruned architecture (c) reaches {done['c']:.2f} against {done['b']:.2f} for "
+            f"the fine-tuned pruned model (b): it {verdict} (within 5%) at this budget"
+            + (f"; the dense model of the same size (d) reaches {done['d']:.2f}" if "d" in done else "")
+            + (f"; distillation (a) reaches {done['a']:.2f}" if "a" in done else "")
+            + f" (dense teacher {dense:.2f})."
+        )]  # fmt: skip
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
-def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path) -> str:
+def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path, recovery=None) -> str:
     lines = [
         "# Structured pruning benchmark",
         "",
@@ -309,6 +455,8 @@ def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path) 
                 f"| {r['prefill_last_ratio']:.3f} | {r['decode']:.3f} | {r['decode_ratio']:.3f} | {goal} |"
             )
         lines.append("")
+    if recovery:
+        lines += recovery_lines(args, recovery)
     text = "\n".join(lines)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
@@ -318,7 +466,7 @@ def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="../shared/models/llama-kdoc-5m", help="relative to the repo root")
-    parser.add_argument("--only", choices=("kdoc", "tp", "speed"), action="append", help="parts to run")
+    parser.add_argument("--only", choices=PARTS, action="append", help="parts to run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     parser.add_argument("--repeats", type=int, default=4, help="interleaved timing rounds per speed case")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="kdoc methods")
@@ -326,6 +474,10 @@ def main() -> None:
     parser.add_argument("--tp-criteria", nargs="+", default=list(TP_CRITERIA), choices=TP_CRITERIA)
     parser.add_argument("--tp-structures", nargs="+", default=["mlp=0.25", "mlp=0.5"], help="MLP-only structures")
     parser.add_argument("--tp-python", default=str(TP_PYTHON), help="python of the torch-pruning environment")
+    parser.add_argument("--recovery-steps", type=int, default=300, help="optimizer steps of every recovery row")
+    parser.add_argument("--recovery-batch-size", type=int, default=8, help="256-token windows per recovery step")
+    parser.add_argument("--recovery-lr", type=float, default=5e-4, help="learning rate of the pruned models (a, b)")
+    parser.add_argument("--scratch-lr", type=float, default=2e-3, help="learning rate of the random models (c, d)")
     parser.add_argument("--output", help="markdown file (default: benchmarks/results/structured.md for a full run)")
     parser.add_argument("--tp-worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -343,7 +495,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     args.model = str((REPO_ROOT / args.model).resolve())
-    parts = args.only or ["kdoc", "tp", "speed"]
+    parts = args.only or list(PARTS)
     full = not args.only and args.methods == list(METHODS) and args.structures == list(STRUCTURES)
     default = REPO_ROOT / "benchmarks" / "results" / "structured.md" if full else WORK_DIR / "structured.md"
     output = Path(args.output) if args.output else default
@@ -357,11 +509,11 @@ def main() -> None:
     ids = calibration_windows(os.path.join(args.model, "calib.txt"), tokenizer, 128, 256, seed=0)
     calibration = WORK_DIR / "kdoc-calibration-128x256.pt"
     torch.save(ids, calibration)
-    kdoc, tp_rows, speed = [], [], {}
+    kdoc, tp_rows, speed, recovery = [], [], {}, []
 
     def save() -> str:  # after every row, so that an interrupted run keeps what it measured
         loads = (load_before, os.getloadavg()[0])
-        return write_report(args, command.strip(), kdoc, tp_rows, speed, loads, output)
+        return write_report(args, command.strip(), kdoc, tp_rows, speed, loads, output, recovery)
 
     if "speed" in parts:
         speed.update(run_speed(args, log))
@@ -374,6 +526,8 @@ def main() -> None:
         log(f"{args.tp_python} not found (run benchmarks/setup_torch_pruning.sh): torch-pruning part skipped")
     if "kdoc" in parts:
         run_kdoc(args, ids, tokenizer, log, kdoc, save)
+    if "recovery" in parts:
+        run_recovery(args, ids, tokenizer, log, recovery, save)
     print("\n" + save())
     log(f"wrote {output}")
 

@@ -39,6 +39,7 @@ _LAZY = {
     "GradientFlowCallback": ".training.callbacks",
     "PruningMixin": ".training.trainer",
     "PruningTrainer": ".training.trainer",
+    "distillation_loss": ".training.distillation",
 }
 
 
@@ -66,6 +67,7 @@ __all__ = [
     "VerificationResult",
     "__version__",
     "create_model_card",
+    "distillation_loss",
     "load_keep_masks",
     "load_pretrained",
     "merge_lora",

@@ -13,6 +13,7 @@ gradient_flow.py  GradientFlow: the masks of a whole model through the optimizer
 state.py          the pruning state in each Trainer checkpoint (bit-packed masks)
 evaluation.py     saved_weights: evaluate the weights a save writes, then restore the training state
 callbacks.py      GradientFlowCallback: Trainer events -> GradientFlow
+distillation.py   logit KL to a teacher, chunked over tokens (pure), and the frozen teacher's set-up
 trainer.py        PruningMixin (any Trainer subclass, e.g. TRL's SFTTrainer), PruningTrainer
 ```
 """

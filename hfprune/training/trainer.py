@@ -1,8 +1,9 @@
-r"""[`PruningMixin`]: any [`~transformers.Trainer`] subclass trains N:M or unstructured sparse models;
-[`PruningTrainer`] = `PruningMixin` + `Trainer`."""
+r"""[`PruningMixin`]: any [`~transformers.Trainer`] subclass trains N:M or unstructured sparse models, and recovers
+pruned ones by distillation from a dense teacher; [`PruningTrainer`] = `PruningMixin` + `Trainer`."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -19,6 +20,7 @@ from ..oneshot import prune
 from ..oneshot.calibration import resolve_seq_len
 from ..oneshot.methods import get_method
 from .callbacks import GradientFlowCallback
+from .distillation import IGNORE_INDEX, distillation_loss, next_token_labels, prepare_teacher
 from .evaluation import saved_weights
 from .gradient_flow import GradientFlow
 from .schedules import phase_boundaries
@@ -69,8 +71,13 @@ class PruningMixin:
       masks, not on the training state: during the MDGF decay the forward pass trains on
       `W~ = W * (m + alpha (1 - m))`, during the SDGF stages on an intermediate N:M pattern, and during the dense
       phase on `W`, none of which a checkpoint holds. The training state is restored afterwards, bit for bit.
-    - **Logs.** `pruning/sparsity`, `pruning/alpha`, `pruning/n`, `pruning/m`, `pruning/stage` (SDGF) and
-      `pruning/mask_flip_rate` join the training loss.
+    - **Logs.** `pruning/sparsity`, `pruning/alpha`, `pruning/n`, `pruning/m`, `pruning/stage` (SDGF),
+      `pruning/mask_flip_rate` and, with a teacher, `distillation/kl` (token mean of `T^2 KL`) join the loss.
+    - **Distillation** (Minitron). With a `teacher_model` (the dense model: frozen, in eval mode, under `no_grad`)
+      the training loss is `distillation_alpha * T^2 KL(teacher || student)` on the logits, averaged over positions
+      with a next-token label, plus `distillation_lm_alpha` times the LM loss ([`~hfprune.training.distillation`]);
+      `eval_loss` stays the LM loss. A structured-pruned student ([`~hfprune.prune_structured`]) has no masks to
+      keep: pass `pruning_config=None`. With a `pruning_config` as well, the model trains sparse while it distils.
     - **PEFT.** Given a `peft.PeftModel`, the targets are the frozen base layers under their plain names (`targets=
       ["q_proj"]`, `keep_masks` from the plain model work unchanged); adapters are never pruned. The base is frozen,
       so only `gradient_flow="none"` applies: it keeps the base weights exactly at their masks while the adapters
@@ -83,13 +90,20 @@ class PruningMixin:
 
     Args:
         *args, **kwargs: the arguments of the trainer class.
-        pruning_config ([`PruningConfig`]):
+        pruning_config ([`PruningConfig`], *optional*):
             What to prune and how. With `method` set, the model is first pruned one-shot (SparseGPT and Wanda
             calibrate on `num_calibration_samples` windows of `calibration_seq_len` tokens from `train_dataset`).
+            Required unless a `teacher_model` is given (`None`: dense training, e.g. of a structured-pruned model).
         keep_masks (`dict[str, torch.Tensor]`, *optional*):
             Known masks of an already-sparse model, `{module name: bool (out, in)}`, such as
             `hfprune.prune(model, config, ..., return_masks=True).keep_masks`. Fixed masks (`gradient_flow="none"`,
             `freeze_mask`) keep them; other flows start from them.
+        teacher_model (`transformers.PreTrainedModel`, *optional*): the model to distil from (the dense one).
+        distillation_temperature (`float`, *optional*, defaults to `1.0`): `T` of the KL (Minitron's is 1).
+        distillation_alpha (`float`, *optional*, defaults to `1.0`): weight of the KL term.
+        distillation_lm_alpha (`float`, *optional*, defaults to `0.0`): weight of the LM loss (Minitron's is 0).
+        distillation_chunk_size (`int`, *optional*, defaults to `1024`): positions whose float32 log-probabilities
+            exist at once (`1024 x 128,256 x 4` bytes = 525 MB per tensor at the Llama-3 vocabulary).
     """
 
     def __init__(
@@ -97,10 +111,27 @@ class PruningMixin:
         *args,
         pruning_config: PruningConfig | None = None,
         keep_masks: dict[str, torch.Tensor] | None = None,
+        teacher_model: torch.nn.Module | None = None,
+        distillation_temperature: float = 1.0,
+        distillation_alpha: float = 1.0,
+        distillation_lm_alpha: float = 0.0,
+        distillation_chunk_size: int = 1024,
         **kwargs,
     ):
-        if pruning_config is None:
-            raise ValueError("`pruning_config` is required, e.g. `pruning_config=PruningConfig(sparsity='2:4')`.")
+        if pruning_config is None and teacher_model is None:
+            raise ValueError(
+                "`pruning_config` is required, e.g. `pruning_config=PruningConfig(sparsity='2:4')`, unless a "
+                "`teacher_model` is given to distil from."
+            )
+        if pruning_config is not None and pruning_config.structure:
+            raise ValueError(
+                "`structure` is set: structured pruning makes the model smaller before training. Prune it with "
+                "`hfprune.prune_structured`, then train it with `pruning_config=None` and a `teacher_model`."
+            )
+        if keep_masks is not None and pruning_config is None:
+            raise ValueError("`keep_masks` needs a `pruning_config` that says how to train the sparse model.")
+        if not distillation_temperature > 0:
+            raise ValueError(f"`distillation_temperature` must be > 0, got {distillation_temperature}.")
         try:
             given = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
         except TypeError:  # the trainer itself reports wrong arguments
@@ -115,14 +146,22 @@ class PruningMixin:
         ):  # `TrainingArguments` defaults `fsdp_config["version"]` to 2
             raise ValueError(SHARDING_UNSUPPORTED)
         max_steps = getattr(training_args, "max_steps", -1)
-        if given.get("train_dataset") is not None and not has_length(given["train_dataset"]) and max_steps <= 0:
+        streaming = given.get("train_dataset") is not None and not has_length(given["train_dataset"])
+        if pruning_config is not None and streaming and max_steps <= 0:
             phase_boundaries(None, pruning_config)  # names the pruning settings that need `max_steps`
         super().__init__(*args, **kwargs)
         fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
         if self.is_deepspeed_enabled or (self.is_fsdp_enabled and fsdp_version != 2):  # or an accelerate config file
             raise ValueError(SHARDING_UNSUPPORTED)
         self.pruning_config = pruning_config
-        if pruning_config.method is not None:
+        self.teacher_model = prepare_teacher(
+            teacher_model, self.accelerator.unwrap_model(self.model), self.args.device
+        )
+        self.distillation_alpha, self.distillation_lm_alpha = distillation_alpha, distillation_lm_alpha
+        self._kl_kwargs = {"temperature": distillation_temperature, "chunk_size": distillation_chunk_size}
+        self._distillation_kl: list[torch.Tensor] = []  # (sum, positions) per micro-batch since the last log
+        self.gradient_flow = self.pruning_callback = None  # no pruning config: dense training with a teacher
+        if pruning_config is not None and pruning_config.method is not None:
             if keep_masks is not None:
                 raise ValueError("pass either `keep_masks` or a one-shot `method` in the `pruning_config`, not both.")
             if is_peft_model(self.model):
@@ -131,11 +170,40 @@ class PruningMixin:
                     "..., return_masks=True)` before `get_peft_model`, and pass `keep_masks=report.keep_masks`."
                 )
             keep_masks = self._prune_one_shot()
-        self.gradient_flow = GradientFlow(self.model, pruning_config, keep_masks)
-        self.pruning_callback = GradientFlowCallback(self.gradient_flow)
-        self.add_callback(self.pruning_callback)
+        if pruning_config is not None:
+            self.gradient_flow = GradientFlow(self.model, pruning_config, keep_masks)
+            self.pruning_callback = GradientFlowCallback(self.gradient_flow)
+            self.add_callback(self.pruning_callback)
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(PRUNING_TAGS)
+            self.model.add_model_tags(PRUNING_TAGS if pruning_config is not None else ["hfprune", "distillation"])
+
+    # why: with a teacher, training minimizes the logit distillation loss (plus the weighted LM loss); eval keeps LM
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher_model is None or not model.training:
+            kwargs = {"return_outputs": return_outputs, "num_items_in_batch": num_items_in_batch}
+            return super().compute_loss(model, inputs, **kwargs)
+        inputs = dict(inputs)
+        targets = {k: inputs.pop(k) for k in ("labels", "shift_labels") if inputs.get(k) is not None}
+        lm_inputs = targets if self.distillation_lm_alpha > 0 else {}  # the student's LM loss only when weighted
+        if lm_inputs and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            lm_inputs = {**lm_inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, **lm_inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**inputs, use_cache=False).logits
+        shifted = next_token_labels(inputs.get("input_ids"), inputs.get("attention_mask"), **targets)
+        kl_sum = distillation_loss(outputs.logits, teacher_logits, shifted, reduction="sum", **self._kl_kwargs)
+        positions = (shifted != IGNORE_INDEX).sum()
+        self._distillation_kl.append(torch.stack([kl_sum.detach(), positions.to(kl_sum.dtype)]))
+        # as the Trainer: a sum over the accumulated batch's `num_items_in_batch` targets if counted, else a mean
+        count = num_items_in_batch if num_items_in_batch is not None else positions.clamp(min=1)
+        loss = self.distillation_alpha * kl_sum / count
+        if lm_inputs:
+            loss = loss + self.distillation_lm_alpha * outputs.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # as `Trainer.compute_loss`: the count is over all ranks, and DDP averages the gradients over them
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     # why: remember the exact checkpoint folder, whose latent weights and masks the callback restores
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -143,20 +211,23 @@ class PruningMixin:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        self.pruning_callback.resume_from_checkpoint = resume_from_checkpoint or None
+        if self.pruning_callback is not None:
+            self.pruning_callback.resume_from_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # why: evaluation must score the weights a save at this step writes, not the soft or intermediate training state
     def evaluate(self, *args, **kwargs):
-        with saved_weights(self.gradient_flow):
+        with saved_weights(self.gradient_flow) if self.gradient_flow else contextlib.nullcontext():
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, **kwargs):
-        with saved_weights(self.gradient_flow):
+        with saved_weights(self.gradient_flow) if self.gradient_flow else contextlib.nullcontext():
             return super().predict(*args, **kwargs)
 
     # why: saved weights (final model and every checkpoint) must be exactly sparse, recorded and with their masks
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.gradient_flow is None:  # dense training (distillation only): a plain save
+            return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         final = self.gradient_flow.final_keep_masks()
         sparse = self.gradient_flow.sparse_weights(final)
@@ -187,8 +258,11 @@ class PruningMixin:
 
     # why: the pruning metrics belong in the same record as the loss, which `on_log` callbacks cannot extend
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
+        if "loss" in logs and self.gradient_flow is not None:
             logs.update(self.gradient_flow.pop_metrics())
+        if "loss" in logs and self._distillation_kl:  # token mean of T^2 KL over the micro-batches since the last log
+            kl_sum, positions = torch.stack(self._distillation_kl).sum(0).tolist()
+            logs["distillation/kl"], self._distillation_kl = kl_sum / max(positions, 1), []
         super().log(logs, *args, **kwargs)
 
     def _prune_one_shot(self) -> dict[str, torch.Tensor]:
