@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stay on disk and one decoder block at a time is loaded, pruned and written back)",
     )
     p.add_argument(
-        "--max-shard-size", default="5GB", help="largest weights file of the output (streaming: the memory it needs)"
+        "--max-shard-size",
+        default=None,
+        help="largest weights file of the output (default 5GB; streaming: about one decoder block, since a shard is "
+        "held in memory while it is written)",
     )
     _add_common(p)
     p.set_defaults(func=cmd_prune)

@@ -70,7 +70,7 @@ def _prune_structured_and_save(args: argparse.Namespace, config: PruningConfig) 
     card = {"base_model": args.model, "calibration": args.calibration, "perplexity": ppl or None}
     path = save_structured(
         model, args.output, config, report, tokenizer, overwrite=args.overwrite, model_card_info=card,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size or "5GB",
     )  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     if args.json:
@@ -81,6 +81,16 @@ def _prune_structured_and_save(args: argparse.Namespace, config: PruningConfig) 
             print(f"perplexity ({name}): {value:.3f}")
         print(f"saved to {path}")
     return 0
+
+
+def streaming_shard_size(model) -> int:
+    r"""Output shard size for a streamed model: its largest decoder block's bytes. `save_pretrained` holds one shard
+    in memory while it writes it, so shards of 5GB would bring the whole model of a smaller checkpoint back into
+    memory; one block's worth keeps the save within the peak of pruning one block."""
+    from .models import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(model)
+    return max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks)
 
 
 def _is_safetensors_folder(path: str) -> bool:
@@ -119,6 +129,7 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, offload_fol
     if ppl:
         card["perplexity"] = ppl
         card["eval_data"] = args.eval_data
+    max_shard_size = args.max_shard_size or (streaming_shard_size(model) if offload_folder else "5GB")
     path = save_pruned(
         model,
         args.output,
@@ -129,7 +140,7 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, offload_fol
         format=args.format,
         model_card_info=card,
         push_to_hub=args.push_to_hub,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=max_shard_size,
     )
     if args.json:
         result = {"output": path, "world_size": report.world_size, "perplexity": ppl, "report": report.to_dict()}

@@ -207,8 +207,15 @@ def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path,
         run(capsys, "prune", model_dir, *common, "--output", tmp_path / "in-memory", "--no-stream", "--quiet")[0] == 0
     )
     assert seen == ["cpu", "cpu"]
-    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
     in_memory = load_file(tmp_path / "in-memory" / "model.safetensors")
+    # streamed shards hold about one decoder block each: a shard is in memory while it is written
+    shards = sorted((tmp_path / "streamed").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    block_bytes = sum(t.numel() * t.element_size() for k, t in in_memory.items() if k.startswith("model.layers.0."))
+    largest = max(t.numel() * t.element_size() for t in in_memory.values())
+    streamed = {k: v for shard in shards for k, v in load_file(shard).items()}
+    for shard in shards:
+        assert sum(t.numel() * t.element_size() for t in load_file(shard).values()) <= max(block_bytes, largest)
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
     assert sorted(os.listdir(tmp_path)) == [
