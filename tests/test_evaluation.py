@@ -134,4 +134,6 @@ def test_perplexity_of_a_model_whose_embeddings_are_offloaded_to_disk(tiny_model
     )
     assert model.model.embed_tokens.weight.device.type == "meta"  # the inputs go where its hook runs it: the CPU
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    assert perplexity(model, data=ids, progress=False) == pytest.approx(perplexity(reference, data=ids, progress=False))
+    assert perplexity(model, data=ids, progress=False) == pytest.approx(
+        perplexity(reference, data=ids, progress=False)
+    )

@@ -130,10 +130,10 @@ def test_streaming_map_leaves_untied_embeddings_on_disk(tiny_model, tied):
 
 
 def test_block_matrices_are_read_one_at_a_time(saved, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     import hfprune.models.blocks
     from hfprune.models import find_decoder_blocks, named_block_matrices
-
-    from safetensors.torch import load_file
 
     folder, _, _ = saved
     model = AutoModelForCausalLM.from_pretrained(folder, device_map=disk_map({0, 1, 2}), offload_folder=tmp_path / "o")
