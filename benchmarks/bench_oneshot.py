@@ -8,6 +8,11 @@ right after pruning) is not inflated by earlier runs:
   (`hfprune.oneshot.calibration.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
   on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
   are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
+  `--options` adds hfprune's one-shot options for Wanda, SparseGPT and ADMM: `owl` (`sparsity_profile="owl"`,
+  unstructured patterns only; llm-compressor's own OWL runs next to it), `dsnot` (`mask_refinement="dsnot"`) and
+  `owl+dsnot`, with a second table of every run and a goal at 70% and 2:4: perplexity at most dense + 0.7 x
+  (llm-compressor SparseGPT - dense), i.e. closing at least 30% of llm-compressor SparseGPT's gap to dense.
+  The runs that decide the goal go first, and the table is rewritten after every run, so a partial run keeps its rows.
 - `wide`: a randomly initialized (seeded) Llama with hidden 2048, MLP 5632, 2 blocks, 32 heads and vocab 32000,
   calibrated on 128 x 256 random token ids. Times SparseGPT and Wanda (50% and 2:4) in both tools and compares
   each with a compute floor: the FLOPs the job cannot avoid divided by this machine's fp32 matmul rate, measured
@@ -21,9 +26,12 @@ block size 128, dampening 0.01, calibration batch size, every `nn.Linear` of the
     python benchmarks/bench_oneshot.py --only kdoc           # perplexity part only
     python benchmarks/bench_oneshot.py --quick               # smoke run of every path (small sizes, minutes)
     python benchmarks/bench_oneshot.py --skip-llmcompressor --methods sparsegpt wanda
+    python benchmarks/bench_oneshot.py --only kdoc --methods wanda sparsegpt admm \
+        --options uniform owl dsnot owl+dsnot --output benchmarks/results/oneshot_quality.md
 
 Partial and quick runs write their table under `.cache/bench-oneshot/` unless `--output` says otherwise, so that
-only a full run replaces `benchmarks/results/oneshot.md`; subprocess logs go to `.cache/bench-oneshot/bench.log`.
+only a full run replaces `benchmarks/results/oneshot.md`; subprocess logs go to `bench.log` in `--work-dir`
+(default `.cache/bench-oneshot/`, which also holds the calibration ids and per-run files).
 
 Timings are only meaningful on an otherwise idle machine; the table records the load average before and after.
 """
@@ -47,9 +55,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "../shared/models/llama-kdoc-5m"
 DEFAULT_LLMC_PYTHON = REPO_ROOT / ".cache" / "llmc-venv" / "bin" / "python"
-WORK_DIR = REPO_ROOT / ".cache" / "bench-oneshot"
+DEFAULT_WORK_DIR = REPO_ROOT / ".cache" / "bench-oneshot"
+WORK_DIR = DEFAULT_WORK_DIR  # `--work-dir`
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")  # llm-compressor has no ADMM: compared with its SparseGPT
 KDOC_PATTERNS = ("0.5", "0.7", "2:4", "4:8")
+# One-shot options of hfprune (`--options`): OWL block sparsities (`sparsity_profile="owl"`, unstructured only),
+# DSnoT mask refinement (`mask_refinement="dsnot"`), and both; magnitude runs uniform only.
+OPTIONS = ("uniform", "owl", "dsnot", "owl+dsnot")
+GOAL_PATTERNS = ("0.7", "2:4")  # kdoc patterns with a perplexity goal for hfprune
+GOAL_KEEP = (
+    0.7  # goal: ppl <= dense + GOAL_KEEP * (llm-compressor SparseGPT ppl - dense), i.e. close >= 30% of the gap
+)
 WIDE_PATTERNS = ("0.5", "2:4")
 WIDE_CONFIG = {
     "hidden_size": 2048,
@@ -146,6 +162,40 @@ def decoder_sparsity(model) -> float:
     return zeros / max(numel, 1)
 
 
+def block_sparsities(model) -> list[float]:
+    r"""The fraction of zeros in the `nn.Linear` weights of every decoder layer, in order (OWL gives them different
+    sparsities)."""
+    import torch
+
+    counts: dict[int, list[int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            count = counts.setdefault(int(name.split(".")[2]), [0, 0])
+            count[0] += int((module.weight == 0).sum())
+            count[1] += module.weight.numel()
+    return [zeros / max(numel, 1) for _, (zeros, numel) in sorted(counts.items())]
+
+
+def option_fields(option: str) -> dict:
+    r"""The `PruningConfig` fields of one entry of `OPTIONS`: 'uniform', 'owl', 'dsnot' or 'owl+dsnot'."""
+    fields = {}
+    if "owl" in option.split("+"):
+        fields["sparsity_profile"] = "owl"
+    if "dsnot" in option.split("+"):
+        fields["mask_refinement"] = "dsnot"
+    return fields
+
+
+def owl_defaults() -> tuple[float, float]:
+    r"""hfprune's default OWL `(M, lambda)` (`PruningConfig.owl_threshold`, `owl_lambda`), handed to llm-compressor."""
+    import dataclasses
+
+    from hfprune import PruningConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PruningConfig)}
+    return float(defaults["owl_threshold"]), float(defaults["owl_lambda"])
+
+
 def run_worker(spec: dict) -> dict:
     r"""One configuration: load the model, prune it with one tool (or load pruned weights), measure, evaluate."""
     import torch
@@ -159,7 +209,9 @@ def run_worker(spec: dict) -> dict:
 
     model, peak_reset = load_for_measurement(spec["model"])
     model.eval()
+    option = spec.get("option", "uniform")
     result = {"tool": spec["tool"], "method": spec["method"], "sparsity": spec["sparsity"], "peak_reset": peak_reset}
+    result["option"] = option
     ids = torch.load(spec["calibration"]) if spec.get("calibration") else None  # (samples, seq_len)
     before = memory_status()
     start = time.perf_counter()
@@ -173,6 +225,7 @@ def run_worker(spec: dict) -> dict:
             calibration_seq_len=ids.shape[1],
             calibration_batch_size=spec["batch_size"],
             pruning_device="cpu",
+            **option_fields(option),
         )
         prune(model, config, ids, progress=False)
     elif spec["tool"] == "torch reference":
@@ -184,6 +237,7 @@ def run_worker(spec: dict) -> dict:
     result["seconds"] = time.perf_counter() - start
     result.update(rss_before=before["rss"], peak_rss=memory_status()["peak_rss"])
     result["decoder_sparsity"] = decoder_sparsity(model)
+    result["block_sparsity"] = block_sparsities(model)
     if spec.get("eval"):
         tokenizer = AutoTokenizer.from_pretrained(spec["model"])
         result["perplexity"] = perplexity(
@@ -250,6 +304,9 @@ def llmcompressor_job(spec: dict, args, label: str) -> dict:
         "--threads", str(args.threads),
         "--output-dir", str(out_dir),
     ]  # fmt: skip
+    if spec.get("option", "uniform") == "owl":
+        owl_m, owl_lambda = owl_defaults()
+        command += ["--profile", "owl", "--owl-m", str(owl_m), "--owl-lambda", str(owl_lambda)]
     run_logged(command, WORK_DIR / "bench.log", args.threads)
     result = json.loads((out_dir / "result.json").read_text())
     if spec.get("eval"):  # perplexity with hfprune's own evaluation, in a fresh process
@@ -260,11 +317,58 @@ def llmcompressor_job(spec: dict, args, label: str) -> dict:
     return result
 
 
-def describe(method: str, sparsity: str) -> str:
-    return "dense" if method == "dense" else f"{method} {sparsity if ':' in sparsity else f'{float(sparsity):.0%}'}"
+def describe(method: str, sparsity: str, option: str = "uniform") -> str:
+    if method == "dense":
+        return "dense"
+    pattern = sparsity if ":" in sparsity else f"{float(sparsity):.0%}"
+    return f"{method} {pattern}" + ("" if option == "uniform" else f" {option}")
 
 
-def run_kdoc(args, log) -> list[dict]:
+def plan_kdoc(args, patterns) -> list[dict]:
+    r"""The `kdoc` runs after the dense one, in the order they run: first the patterns that decide the goal (70%, 2:4),
+    and in them first llm-compressor's SparseGPT (the goal's baseline), then hfprune's ADMM and SparseGPT option by
+    option (with llm-compressor's OWL SparseGPT next to hfprune's OWL), then Wanda in both tools, then magnitude; the
+    other patterns after that in the same order. A partial run thus holds the rows that matter most."""
+    methods = [m for m in METHODS if m in args.methods]
+    owl = any("owl" in option.split("+") for option in args.options)
+    jobs = []
+    for method in methods:
+        for sparsity in patterns:
+            for option in args.options:
+                if option != "uniform" and (method == "magnitude" or ("owl" in option.split("+") and ":" in sparsity)):
+                    continue  # magnitude has neither option; OWL is refused for N:M
+                jobs.append({"tool": "hfprune", "method": method, "option": option, "sparsity": sparsity})
+            if method == "magnitude" and "uniform" in args.options:
+                jobs.append({"tool": "torch reference", "method": method, "option": "uniform", "sparsity": sparsity})
+    if not args.skip_llmcompressor:
+        for method in ("sparsegpt", "wanda"):  # llm-compressor's SparseGPT is also the comparison for ADMM
+            if method not in methods and not (method == "sparsegpt" and "admm" in methods):
+                continue
+            for sparsity in patterns:
+                jobs.append({"tool": "llm-compressor", "method": method, "option": "uniform", "sparsity": sparsity})
+                if owl and ":" not in sparsity:
+                    jobs.append({"tool": "llm-compressor", "method": method, "option": "owl", "sparsity": sparsity})
+
+    def order(job: dict) -> tuple:
+        tool, method = job["tool"], job["method"]
+        if tool == "llm-compressor" and method == "sparsegpt" and job["option"] == "uniform":
+            tier = 0
+        else:
+            tier = {"admm": 1, "sparsegpt": 1, "wanda": 2}.get(method, 3)
+        return (
+            job["sparsity"] not in GOAL_PATTERNS,
+            tier,
+            OPTIONS.index(job["option"]),
+            patterns.index(job["sparsity"]),
+            tool != "hfprune",
+            ("admm", "sparsegpt", "wanda", "magnitude").index(method),
+        )
+
+    return sorted(jobs, key=order)
+
+
+def run_kdoc(args, log, save) -> dict:
+    r"""Runs the `kdoc` part; calls `save(kdoc)` after every run, so that an interrupted run keeps its rows."""
     import torch
     from transformers import AutoTokenizer
 
@@ -286,25 +390,42 @@ def run_kdoc(args, log) -> list[dict]:
         "seq_len": 256,
         "max_windows": 64 if args.quick else None,
     }
-    rows = []
+    patterns = list(args.patterns or (("0.5", "2:4") if args.quick else KDOC_PATTERNS))
+    jobs = plan_kdoc(args, patterns)
+    kdoc = {"entries": [], "patterns": patterns, "planned": len(jobs) + 1}
     dense = hfprune_job({**base, "tool": "hfprune", "method": "dense", "sparsity": "0"}, args, "kdoc-dense")
     log(f"kdoc dense: perplexity {dense['perplexity']:.2f}")
-    rows.append({"method": "dense", "sparsity": "0", "hfprune": dense, "reference": None})
-    patterns = args.patterns or (("0.5", "2:4") if args.quick else KDOC_PATTERNS)
-    for method in [m for m in METHODS if m in args.methods]:
-        for sparsity in patterns:
-            label = f"kdoc-{method}-{sparsity.replace(':', 'of')}"
-            spec = {**base, "method": method, "sparsity": sparsity}
-            ours = hfprune_job({**spec, "tool": "hfprune"}, args, label)
-            if method == "magnitude":
-                ref = hfprune_job({**spec, "tool": "torch reference"}, args, label + "-ref")
-            elif args.skip_llmcompressor or method not in ("sparsegpt", "wanda"):
-                ref = None
+    kdoc["entries"].append(
+        {"tool": "hfprune", "method": "dense", "option": "uniform", "sparsity": "0", "result": dense,
+         "load": os.getloadavg()[0]}
+    )  # fmt: skip
+    save(kdoc)
+    for job in jobs:
+        label = f"kdoc-{job['method']}-{job['sparsity'].replace(':', 'of')}"
+        label += "" if job["option"] == "uniform" else "-" + job["option"].replace("+", "-")
+        spec = {**base, "method": job["method"], "sparsity": job["sparsity"], "option": job["option"]}
+        entry = {**job, "result": None}
+        try:
+            if job["tool"] == "llm-compressor":
+                entry["result"] = llmcompressor_job(spec, args, label + "-llmc")
             else:
-                ref = llmcompressor_job(spec, args, label + "-llmc")
-            rows.append({"method": method, "sparsity": sparsity, "hfprune": ours, "reference": ref})
-            log(f"kdoc {describe(method, sparsity)}: " + summary(ours, ref))
-    return rows
+                entry["result"] = hfprune_job(
+                    {**spec, "tool": job["tool"]}, args, label + ("-ref" * (job["tool"] != "hfprune"))
+                )
+        except (RuntimeError, OSError, ValueError, KeyError, AssertionError) as error:
+            entry["error"] = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+            log(
+                f"kdoc {job['tool']} {describe(job['method'], job['sparsity'], job['option'])} FAILED: {entry['error']}"
+            )
+        entry["load"] = os.getloadavg()[0]
+        kdoc["entries"].append(entry)
+        if entry["result"]:
+            log(
+                f"kdoc {job['tool']} {describe(job['method'], job['sparsity'], job['option'])}: "
+                + summary(entry["result"])
+            )
+        save(kdoc)
+    return kdoc
 
 
 def save_wide_model(config: dict, folder: Path) -> None:
@@ -364,7 +485,7 @@ def floor_flops(config: dict, samples: int, seq_len: int, method: str, block_pas
     return flops
 
 
-def run_wide(args, log) -> dict:
+def run_wide(args, log, save=None) -> dict:
     import torch
 
     config = QUICK_WIDE_CONFIG if args.quick else WIDE_CONFIG
@@ -385,6 +506,7 @@ def run_wide(args, log) -> dict:
         "batch_size": args.batch_size,
     }
     rows = []
+    wide = {"rows": rows, "rate": rate, "config": config, "samples": samples, "seq_len": seq_len}
     patterns = args.patterns or WIDE_PATTERNS
     layers = config["num_hidden_layers"]
     for method in [m for m in ("sparsegpt", "wanda") if m in args.methods]:
@@ -400,14 +522,18 @@ def run_wide(args, log) -> dict:
                  "strict_floor": strict}
             )  # fmt: skip
             log(f"wide {describe(method, sparsity)}: floor {floor:.1f} s; " + summary(ours, ref))
-    return {"rows": rows, "rate": rate, "config": config, "samples": samples, "seq_len": seq_len}
+            if save:
+                save(wide)
+    return wide
 
 
-def summary(ours: dict, ref: dict | None) -> str:
+def summary(ours: dict, ref: dict | None = None) -> str:
     def one(r):
         ppl = f"ppl {r['perplexity']:.2f}, " if "perplexity" in r else ""
         return f"{ppl}{r['seconds']:.1f} s, peak {r['peak_rss'] / GIB:.2f} GiB, sparsity {r['decoder_sparsity']:.4f}"
 
+    if ref is None and ours.get("tool", "hfprune") != "hfprune":
+        return one(ours)
     return f"hfprune {one(ours)}" + (f" | {ref['tool']} {one(ref)}" if ref else "")
 
 
@@ -453,6 +579,177 @@ def kdoc_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def find(kdoc: dict, tool: str, method: str, option: str, sparsity: str) -> dict | None:
+    r"""The result of one finished `kdoc` run, or None."""
+    for entry in kdoc["entries"]:
+        if (entry["tool"], entry["method"], entry["option"], entry["sparsity"]) == (tool, method, option, sparsity):
+            return entry["result"]
+    return None
+
+
+def paired_rows(kdoc: dict) -> list[dict]:
+    r"""hfprune's uniform runs next to their reference (`kdoc_table`): llm-compressor for SparseGPT and Wanda, this
+    script's torch implementation for magnitude, none for ADMM."""
+    rows = []
+    dense = find(kdoc, "hfprune", "dense", "uniform", "0")
+    if dense:
+        rows.append({"method": "dense", "sparsity": "0", "hfprune": dense, "reference": None})
+    for method in METHODS:
+        for sparsity in kdoc["patterns"]:
+            ours = find(kdoc, "hfprune", method, "uniform", sparsity)
+            if not ours:
+                continue
+            if method == "magnitude":
+                ref = find(kdoc, "torch reference", method, "uniform", sparsity)
+            else:
+                ref = find(kdoc, "llm-compressor", method, "uniform", sparsity) if method != "admm" else None
+            rows.append({"method": method, "sparsity": sparsity, "hfprune": ours, "reference": ref})
+    return rows
+
+
+def goal_baseline(kdoc: dict, sparsity: str) -> tuple[float, float, float] | None:
+    r"""`(dense ppl, llm-compressor SparseGPT ppl, goal)` at a goal pattern, where both runs finished; else None."""
+    dense = find(kdoc, "hfprune", "dense", "uniform", "0")
+    base = find(kdoc, "llm-compressor", "sparsegpt", "uniform", sparsity)
+    if sparsity not in GOAL_PATTERNS or not dense or not base:
+        return None
+    return (
+        dense["perplexity"],
+        base["perplexity"],
+        dense["perplexity"] + GOAL_KEEP * (base["perplexity"] - dense["perplexity"]),
+    )
+
+
+def best_hfprune(kdoc: dict, sparsity: str) -> dict | None:
+    entries = [e for e in kdoc["entries"] if e["tool"] == "hfprune" and e["sparsity"] == sparsity and e["result"]]
+    return min(entries, key=lambda e: e["result"]["perplexity"], default=None)
+
+
+def setting(entry: dict) -> str:
+    return f"{entry['method']} {entry['option']}"
+
+
+def gap_closed(ppl: float, baseline: tuple[float, float, float]) -> float:
+    dense, base, _ = baseline
+    return (base - ppl) / (base - dense) if base != dense else float("nan")
+
+
+def options_table(kdoc: dict) -> list[str]:
+    r"""Every `kdoc` run, grouped by pattern: llm-compressor first, then hfprune by method and option."""
+    lines = [
+        (
+            "| pattern | tool | method | option | ppl | ppl - dense | ppl / llm-compressor SparseGPT | s | peak GiB "
+            "| sparsity | block sparsities | goal: gap to llm-compressor SparseGPT closed (>= 30%?) |"
+        ),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    dense = find(kdoc, "hfprune", "dense", "uniform", "0")
+    if dense:
+        lines.append(
+            f"| dense | hfprune | - | - | {dense['perplexity']:.2f} | | | | {dense['peak_rss'] / GIB:.2f} "
+            f"| {dense['decoder_sparsity']:.5f} | | |"
+        )
+    tools = ("llm-compressor", "hfprune", "torch reference")
+    for sparsity in kdoc["patterns"]:
+        entries = [e for e in kdoc["entries"] if e["sparsity"] == sparsity]
+        entries.sort(key=lambda e: (tools.index(e["tool"]), METHODS.index(e["method"]), OPTIONS.index(e["option"])))
+        baseline, best = goal_baseline(kdoc, sparsity), best_hfprune(kdoc, sparsity)
+        base = find(kdoc, "llm-compressor", "sparsegpt", "uniform", sparsity)
+        pattern = describe("x", sparsity).split()[1]
+        for entry in entries:
+            result = entry["result"]
+            head = f"| {pattern} | {entry['tool']} | {entry['method']} | {entry['option']} "
+            if not result:
+                lines.append(head + f"| failed: {entry.get('error', '?')} | | | | | | | |")
+                continue
+            ppl = result["perplexity"]
+            ppl_text = f"**{ppl:.2f}**" if entry is best else f"{ppl:.2f}"
+            blocks = result.get("block_sparsity") or []
+            spread = " ".join(f"{b:.3f}" for b in blocks) if "owl" in entry["option"].split("+") else ""
+            if entry["tool"] == "llm-compressor" and entry["method"] == "sparsegpt" and entry["option"] == "uniform":
+                goal = "baseline" if baseline else ""
+            elif entry["tool"] == "hfprune" and baseline:
+                closed = gap_closed(ppl, baseline)
+                goal = f"{closed:.0%}: {'yes' if ppl <= baseline[2] else 'no'}"
+            else:
+                goal = ""
+            lines.append(
+                head + f"| {ppl_text} | {fmt(dense and ppl - dense['perplexity'], '+.2f')} "
+                f"| {ratio(ppl, get(base, 'perplexity'), 3)} | {result['seconds']:.2f} | {result['peak_rss'] / GIB:.2f} "
+                f"| {result['decoder_sparsity']:.5f} | {spread} | {goal} |"
+            )
+    return lines
+
+
+def goal_table(kdoc: dict) -> list[str]:
+    r"""Per pattern: the best hfprune setting, and at 70% and 2:4 whether it meets the goal."""
+    lines = [
+        (
+            "| pattern | dense ppl | llm-compressor SparseGPT ppl | best llm-compressor (ppl) | goal: ppl <= "
+            "| best hfprune setting | its ppl | gap closed | goal met |"
+        ),
+        "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    dense = find(kdoc, "hfprune", "dense", "uniform", "0")
+    for sparsity in kdoc["patterns"]:
+        base = find(kdoc, "llm-compressor", "sparsegpt", "uniform", sparsity)
+        theirs = [
+            e for e in kdoc["entries"] if e["tool"] == "llm-compressor" and e["sparsity"] == sparsity and e["result"]
+        ]
+        their_best = min(theirs, key=lambda e: e["result"]["perplexity"], default=None)
+        baseline, best = goal_baseline(kdoc, sparsity), best_hfprune(kdoc, sparsity)
+        if sparsity not in GOAL_PATTERNS:
+            goal, closed, met = "-", "-", "no goal"
+        elif not baseline:
+            goal, closed, met = "-", "-", "not decided (a run is missing)"
+        else:
+            goal = f"{baseline[2]:.2f}"
+            closed = f"{gap_closed(best['result']['perplexity'], baseline):.0%}" if best else "-"
+            met = ("**yes**" if best["result"]["perplexity"] <= baseline[2] else "**no**") if best else "-"
+        theirs_text = f"{setting(their_best)} ({their_best['result']['perplexity']:.2f})" if their_best else "-"
+        lines.append(
+            f"| {describe('x', sparsity).split()[1]} | {fmt(get(dense, 'perplexity'), '.2f')} "
+            f"| {fmt(get(base, 'perplexity'), '.2f')} | {theirs_text} | {goal} "
+            f"| {setting(best) if best else '-'} | {fmt(best and best['result']['perplexity'], '.2f')} | {closed} "
+            f"| {met} |"
+        )
+    return lines
+
+
+def options_section(args, kdoc: dict) -> list[str]:
+    owl_m, owl_lambda = owl_defaults()
+    failed = [e for e in kdoc["entries"] if not e["result"]]
+    return [
+        "### One-shot options: OWL and DSnoT, alone and together",
+        "",
+        (
+            f'Options (`--options {" ".join(args.options)}`): `uniform` (plain), `owl` (`sparsity_profile="owl"`: '
+            f"each decoder block gets its own sparsity from its share of outlier Wanda scores, M = {owl_m:g}, "
+            f'lambda = {owl_lambda:g}, hfprune\'s defaults; unstructured only), `dsnot` (`mask_refinement="dsnot"`), '
+            "and `owl+dsnot`. llm-compressor runs SparseGPT and Wanda uniform, and with its own OWL "
+            f'(`sparsity_profile="owl"`, `owl_m={owl_m:g}`, `owl_lmbda={owl_lambda:g}`; it has no defaults for them '
+            "and no DSnoT). llm-compressor 0.14's OWL does not run in `oneshot` as shipped (`ValueError: Cannot invoke "
+            "event before initializing`, and its per-layer sparsities are a dict where a list is indexed): "
+            "`benchmarks/llmcompressor_driver.py` (`patch_owl`) fixes only that plumbing and keeps its arithmetic. "
+            "Time includes the OWL pass over the dense model in both tools."
+        ),
+        "",
+        (
+            f"Goal, at {' and '.join(describe('x', p).split()[1] for p in GOAL_PATTERNS)}: ppl <= dense + "
+            f"{GOAL_KEEP:g} x (llm-compressor SparseGPT ppl - dense), i.e. close at least {1 - GOAL_KEEP:.0%} of "
+            "llm-compressor SparseGPT's gap to dense. Gap closed = (llm-compressor SparseGPT ppl - ppl) / "
+            "(llm-compressor SparseGPT ppl - dense ppl). Best hfprune perplexity per pattern in bold. Block sparsities "
+            "(OWL rows): the fraction of zeros of each decoder block, first to last."
+        ),
+        "",
+        *goal_table(kdoc),
+        "",
+        *options_table(kdoc),
+        "",
+        *([f"Failed runs: {len(failed)} (logs: `{WORK_DIR / 'bench.log'}`).", ""] if failed else []),
+    ]
+
+
 def wide_table(wide: dict) -> list[str]:
     lines = [
         (
@@ -475,6 +772,30 @@ def wide_table(wide: dict) -> list[str]:
     return lines
 
 
+def git_commit() -> str:
+    r"""The checked-out commit (7 hex digits), read from `.git` without running git, so that a benchmark never takes
+    the index lock of a checkout others work in (the dirty state is therefore not recorded); '' if unknown."""
+    git = REPO_ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = (REPO_ROOT / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:7]
+        ref = head[5:]
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
+        for folder in (git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()[:7]
+        packed = common / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else []:
+            if line.endswith(" " + ref):
+                return line[:7]
+    except OSError:
+        pass
+    return ""
+
+
 def environment(args) -> list[str]:
     import torch
     import transformers
@@ -487,9 +808,7 @@ def environment(args) -> list[str]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    commit = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit()
     versions = f"hfprune {hfprune.__version__} (git {commit or 'unknown'}), torch {torch.__version__}, "
     versions += f"transformers {transformers.__version__}"
     if not args.skip_llmcompressor:
@@ -502,20 +821,31 @@ def environment(args) -> list[str]:
     return [f"- machine: {machine}; calibration batch size: {args.batch_size}", f"- versions: {versions}"]
 
 
-def write_report(args, command: str, kdoc, wide, load_before, load_after, output: Path) -> str:
-    busy = max(load_before, load_after) > 1.5 * args.threads - 0.5
-    rows = (kdoc or []) + (wide["rows"] if wide else [])
+def write_report(
+    args, command: str, kdoc, wide, load_before, load_after, output: Path, env_lines=None, progress: str = ""
+) -> str:
+    r"""Writes the markdown report; `progress` (e.g. 'partial: 12 of 49 runs') marks a table still being filled."""
+    loads = [e["load"] for e in (kdoc or {}).get("entries", []) if "load" in e]
+    busy = max([load_before, load_after, *loads]) > 1.5 * args.threads - 0.5
+    rows = paired_rows(kdoc) if kdoc else []
+    rows += wide["rows"] if wide else []
     results = [r[key] for r in rows for key in ("hfprune", "reference") if r.get(key)]
+    results += [e["result"] for e in (kdoc or {}).get("entries", []) if e["result"]]
     unreset = [r for r in results if "peak_rss" in r and not r.get("peak_reset", False)]
+    load_line = f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
+    if loads:
+        load_line += (
+            f"; after each kdoc run: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}"
+        )
     lines = [
         "# One-shot pruning: hfprune vs llm-compressor",
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}" + ("  (QUICK smoke run: reduced sizes)" if args.quick else ""),
+        *([f"**{progress}**"] if progress else []),
         "",
-        *environment(args),
-        f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
-        + ("  **(machine busy: timings are not trustworthy)**" if busy else ""),
+        *(env_lines if env_lines is not None else environment(args)),
+        load_line + ("  **(machine busy: timings are not trustworthy)**" if busy else ""),
         "",
         (
             "Ratios are hfprune / reference: below 1 means hfprune is lower (better) in perplexity, time or memory. "
@@ -541,7 +871,7 @@ def write_report(args, command: str, kdoc, wide, load_before, load_after, output
                 "layers."
             ),
             "",
-            *kdoc_table(kdoc),
+            *kdoc_table(paired_rows(kdoc)),
             "",
             (
                 "Magnitude is compared with a plain torch implementation in this script (`reference_magnitude_`: one "
@@ -552,6 +882,8 @@ def write_report(args, command: str, kdoc, wide, load_before, load_after, output
             ),
             "",
         ]
+        if any(e["option"] != "uniform" for e in kdoc["entries"]) or args.options != ["uniform"]:
+            lines += options_section(args, kdoc)
     if wide is not None:
         cfg = wide["config"]
         strict = ", ".join(f"{describe(r['method'], r['sparsity'])} {r['strict_floor']:.1f} s" for r in wide["rows"])
@@ -607,6 +939,18 @@ def main() -> None:
         "--output",
         help="markdown file (default: benchmarks/results/oneshot.md for a full run, .cache/bench-oneshot/ otherwise)",
     )
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=["uniform"],
+        choices=OPTIONS,
+        help="kdoc: hfprune's one-shot options to run for wanda, sparsegpt and admm (uniform = plain; owl = "
+        "sparsity_profile='owl', unstructured patterns only, also run in llm-compressor; dsnot = "
+        "mask_refinement='dsnot'; owl+dsnot = both). Default: uniform",
+    )
+    parser.add_argument(
+        "--work-dir", default=str(DEFAULT_WORK_DIR), help="folder for calibration ids, per-run files and bench.log"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -620,12 +964,22 @@ def main() -> None:
         sys.exit(f"{args.llmc_python} not found: run benchmarks/setup_llmcompressor.sh, or pass --skip-llmcompressor.")
     import torch
 
+    global WORK_DIR
+    WORK_DIR = Path(args.work_dir).resolve()
+    args.options = [o for o in OPTIONS if o in args.options]  # canonical order, no repeats
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     (WORK_DIR / "bench.log").write_text("")
     if args.output:
         output = Path(args.output)
-    elif args.quick or args.only or args.skip_llmcompressor or args.patterns or set(args.methods) != set(METHODS):
+    elif (
+        args.quick
+        or args.only
+        or args.skip_llmcompressor
+        or args.patterns
+        or set(args.methods) != set(METHODS)
+        or args.options != ["uniform"]
+    ):
         # a partial or smoke run must not replace the committed table of a full run
         output = WORK_DIR / f"oneshot-{'quick-' if args.quick else ''}{args.only or 'all'}.md"
     else:
@@ -637,9 +991,30 @@ def main() -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
     load_before = os.getloadavg()[0]
-    kdoc = run_kdoc(args, log) if args.only in (None, "kdoc") else None
-    wide = run_wide(args, log) if args.only in (None, "wide") else None
-    text = write_report(args, command.strip(), kdoc, wide, load_before, os.getloadavg()[0], output)
+    env_lines = environment(args)
+    state = {"kdoc": None, "wide": None}
+
+    def save(part: str, value: dict | None = None, final: bool = False) -> str:
+        state[part] = value
+        progress = ""
+        if not final:
+            done = len(state["kdoc"]["entries"]) if state["kdoc"] else 0
+            planned = state["kdoc"]["planned"] if state["kdoc"] else 0
+            progress = f"Partial: run still going ({done} of {planned} kdoc runs done"
+            progress += f", {len(state['wide']['rows'])} wide rows" if state["wide"] else ""
+            progress += f", {(time.perf_counter() - start) / 60:.0f} min so far)."
+        else:
+            progress = f"Wall time of the whole benchmark: {(time.perf_counter() - start) / 60:.1f} min."
+        load_now = os.getloadavg()[0]
+        return write_report(
+            args, command.strip(), state["kdoc"], state["wide"], load_before, load_now, output, env_lines, progress
+        )
+
+    if args.only in (None, "kdoc"):
+        run_kdoc(args, log, lambda kdoc: save("kdoc", kdoc))
+    if args.only in (None, "wide"):
+        run_wide(args, log, lambda wide: save("wide", wide))
+    text = save("kdoc", state["kdoc"], final=True)
     print("\n" + text)
     log(f"wrote {output} (subprocess logs: {WORK_DIR / 'bench.log'})")
 
