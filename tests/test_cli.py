@@ -72,7 +72,9 @@ def test_eval_prints_the_same_perplexity_as_prune(capsys, tmp_path, model_dir, t
 
 def test_verify_exit_status_follows_the_recorded_pattern(capsys, tmp_path, model_dir):
     out_dir = tmp_path / "pruned"
-    assert run(capsys, "prune", model_dir, "--method", "magnitude", "--sparsity", "2:4", "--output", out_dir)[0] == 0
+    one_file = ("--max-shard-size", "5GB")  # one weights file to tamper with (streamed outputs are sharded by block)
+    argv = ("prune", model_dir, "--method", "magnitude", "--sparsity", "2:4", "--output", out_dir, *one_file)
+    assert run(capsys, *argv)[0] == 0
     code, out, _ = run(capsys, "verify", out_dir, "--json")
     assert code == 0 and json.loads(out)["ok"] is True
 

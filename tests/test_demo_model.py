@@ -152,7 +152,8 @@ def test_every_demo_model_recipe_fits_the_shipped_model(training_example):
     from hfprune.training.gradient_flow import GradientFlow
 
     model = AutoModelForCausalLM.from_pretrained(SHIPPED)
-    demo_recipes = [p for p in RECIPES if p.parent.name == "demo-model"]
+    # the structured + distillation recipe runs with its own example (tests/training/test_distillation.py)
+    demo_recipes = [p for p in RECIPES if p.parent.name == "demo-model" and "distill" not in p.name]
     assert len(demo_recipes) == 19
     for path in demo_recipes:
         model_args, pruning_config, args = training_example.parse_recipe([str(path)])

@@ -33,7 +33,7 @@ def prune_cli(prefix, model_dir, output):
         "-m", "hfprune", "prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "2:4",
         "--calibration", str(model_dir.parent / "calib.txt"), "--num-samples", "8", "--seq-len", "32",
         "--calibration-batch-size", "2", "--eval", str(model_dir.parent / "calib.txt"), "--output", str(output),
-        "--json", "--quiet",
+        "--max-shard-size", "5GB", "--json", "--quiet",
     ]  # fmt: skip
     result = subprocess.run([*prefix, *argv], env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -348,7 +348,7 @@ def test_two_processes_refine_like_one(tmp_path, tiny_model, char_tokenizer, cal
     argv = [
         "-m", "hfprune", "prune", str(folder), "--method", "wanda", "--sparsity", "2:4", "--mask-refinement", "dsnot",
         "--calibration", str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-len", "32",
-        "--calibration-batch-size", "2", "--json", "--quiet",
+        "--calibration-batch-size", "2", "--max-shard-size", "5GB", "--json", "--quiet",
     ]  # fmt: skip
     weights = {}
     for label, prefix in (("two", TORCHRUN), ("one", [sys.executable])):
