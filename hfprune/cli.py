@@ -32,6 +32,7 @@ PRUNE_FIELDS = (
     "ignore",
     "sparsity_overrides",
     "mask_refinement",
+    "true_sequential",
     "skip_incompatible",
     "block_size",
     "dampening",

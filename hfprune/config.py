@@ -128,6 +128,14 @@ class PruningConfig(PushToHubMixin):
             "Needs a calibrated `method` ('sparsegpt', 'admm', 'wanda'). Default: no refinement."
         },
     )
+    true_sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "Prune each decoder block unit by unit (q/k/v, then o_proj, gate/up, down_proj), calibrating each "
+            "on the outputs of the already pruned units instead of the dense block's: one more calibration pass of "
+            "the block per unit. Calibrated methods only."
+        },
+    )
     skip_incompatible: bool = field(
         default=False,
         metadata={"help": "Skip (with a warning) modules whose input size is not a multiple of M instead of raising."},
@@ -282,6 +290,13 @@ class PruningConfig(PushToHubMixin):
                     f"of every input), which `method`={self.method!r} does not collect; use `method`='wanda', "
                     "'sparsegpt' or 'admm'."
                 )
+        if self.true_sequential and (self.structure or self.method in (None, "magnitude")):
+            raise ValueError(
+                f"`true_sequential`=True calibrates each unit of a block on the pruned units' outputs; "
+                f"{'`structure`' if self.structure else f'`method`={self.method!r}'} does not use calibration "
+                "statistics that way. Use `method`='wanda', 'sparsegpt' or 'admm' without `structure`, or leave "
+                "`true_sequential` unset."
+            )
         check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
         check_choice("sparsity_profile", self.sparsity_profile, SPARSITY_PROFILES)
         if self.sparsity_profile == "owl":

@@ -8,6 +8,9 @@ tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [bl
                    3. re-run the batches through the pruned block ─► inputs of the next block
 ```
 
+Steps 1 and 2 live in [`~hfprune.oneshot.block`]; with `true_sequential` they repeat once per unit of the block
+(q/k/v, o_proj, gate/up, down_proj), each unit calibrated on the outputs of the already pruned ones.
+
 Only the block being pruned sits on the compute device; the other blocks stay where they are. Blocks offloaded by a
 `device_map` (accelerate hooks, CPU or disk) are onloaded one at a time and written back pruned
 (see [`~hfprune.models.offload`]).
@@ -23,17 +26,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints.record import PruningReport, measure_module
+from ..checkpoints.record import PruningReport
 from ..config import PruningConfig
-from ..models import find_decoder_blocks, find_targets, in_features, named_block_matrices, weight_view
+from ..models import find_decoder_blocks, find_targets, named_block_matrices
 from ..models.experts import ExpertProjection
 from ..models.offload import check_writable, onloaded
-from ..sparsity import SparsityTarget, no_tf32
+from .block import prune_block, prune_module
 from .calibration import calibration_windows, resolve_seq_len
 from .capture import capture_block_inputs, run_block
-from .collect import ExpertCollector, StatisticCollector
 from .distributed import Ranks
-from .methods import PruningMethod, get_method
+from .methods import get_method
 from .profiles import owl_block_sparsities, with_block_sparsities
 from .statistics import STATISTIC_TYPES
 
@@ -116,7 +118,7 @@ def prune(
                         for name, target in targets.items():
                             experts = isinstance(target, ExpertProjection)
                             stats = dict.fromkeys(range(target.num_experts)) if experts else None
-                            _prune_module(name, target, method, stats, config, report)
+                            prune_module(name, target, method, stats, config, report)
             else:
                 _prune_calibrated(
                     model, blocks, blocks_path, block_targets, method, config, calibration, tokenizer, progress,
@@ -169,7 +171,7 @@ def _prune_calibrated(
         try:
             with onloaded(block, device, offload_folder):  # and back home (or to its offload map) after
                 if targets:
-                    _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks)
+                    prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks)
                 # the pruned block's outputs calibrate the next block
                 error = None
                 try:
@@ -184,96 +186,6 @@ def _prune_calibrated(
     inputs.hidden.clear()
 
 
-def _prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks) -> None:
-    r"""Collects the statistics of one block's targets in one calibration pass, then prunes them.
-
-    Work comes in *units*: the modules that read one input tensor (q/k/v; gate/up), which share one statistic and
-    one prepared solve, and each fused expert parameter with one statistic per expert. Across processes every rank
-    sums each unit's statistics, solves the units it owns and receives the others (see [`~hfprune.oneshot.distributed`]).
-    """
-    modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
-    experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
-    collector = StatisticCollector(modules, statistic_type, device)
-    expert_collector = ExpertCollector(experts, statistic_type, device)
-    error = None
-    try:
-        run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
-    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
-        error = e
-    finally:
-        collector.remove()
-        expert_collector.remove()
-    ranks.check(error, f"while calibrating decoder block {index}")
-    units = _units(modules, experts, collector, expert_collector, statistic_type, device, ranks)
-    for _, statistics in units:
-        for statistic, _ in statistics.values():
-            ranks.reduce_statistic(statistic)
-    error = None
-    try:
-        for unit, (names, statistics) in enumerate(units):
-            if ranks.owner(unit) == ranks.rank:
-                _solve_unit(names, statistics, targets, method, config, report)
-            statistics.clear()
-    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
-        error = e
-    ranks.check(error, f"while pruning decoder block {index}")
-    if ranks.distributed:
-        for unit, (names, _) in enumerate(units):
-            for name in names:
-                _receive(name, targets[name], ranks.owner(unit), report, ranks)
-
-
-def _units(modules, experts, collector, expert_collector, statistic_type, device, ranks):
-    r"""`[(names, {key: (statistic, label)})]` in the same order on every rank. A module no calibration token reached
-    (an expert `nn.Linear` nothing was routed to) gets an empty statistic, which falls back to magnitude pruning."""
-    leader_of = {}
-    for seen in ranks.gather_objects(collector.leader_of):
-        for name, leader in seen.items():
-            leader_of.setdefault(name, leader)
-    groups: dict[str, list[str]] = {}
-    for name in modules:
-        groups.setdefault(leader_of.get(name, name), []).append(name)
-    units = []
-    for leader, names in groups.items():
-        statistic = collector.stats.pop(leader, None) or statistic_type(in_features(modules[leader]), device)
-        statistic.tokens = ranks.reduce_count(collector.tokens.get(leader, 0), device)
-        units.append((names, {None: (statistic, names[0])}))
-    for name, projection in experts.items():
-        statistics = {}
-        for expert in range(projection.num_experts):
-            statistic = expert_collector.stats.pop((name, expert), None)
-            if statistic is None:
-                statistic = statistic_type(projection.view().shape[-1], device)
-            statistic.tokens = ranks.reduce_count(expert_collector.tokens.get((name, expert), 0), device)
-            statistics[expert] = (statistic, f"{name}[{expert}]")
-        units.append(([name], statistics))
-    return units
-
-
-def _solve_unit(names, statistics, targets, method, config, report) -> None:
-    r"""Prepares a unit's statistics (one SparseGPT factorisation per input) and prunes its modules."""
-    prepared = {
-        key: _prepare(method, statistic, statistic.tokens, label, config)
-        for key, (statistic, label) in statistics.items()
-    }
-    statistics.clear()  # the raw statistics are consumed: `prepare` may have freed them
-    for name in names:
-        stats = prepared if isinstance(targets[name], ExpertProjection) else prepared[None]
-        _prune_module(name, targets[name], method, stats, config, report)
-
-
-def _receive(name, target, owner: int, report: PruningReport, ranks) -> None:
-    r"""Takes module `name`'s pruned weight, keep mask and report entry from the rank that pruned it."""
-    ranks.broadcast_(target.weight.data, owner)
-    report.modules[name] = ranks.broadcast_object(report.modules.get(name), owner)
-    if report.keep_masks is not None:
-        keep = report.keep_masks.get(name)
-        if keep is None:
-            keep = torch.empty(weight_view(target).shape, dtype=torch.bool)
-        ranks.broadcast_(keep.to(target.weight.device), owner)
-        report.keep_masks[name] = keep.cpu()
-
-
 def _failed_in_block(error: Exception, index: int, targets: dict, report: PruningReport) -> Exception:
     r"""`error` again, saying how far pruning got: blocks before `index` are pruned, block `index` maybe in part."""
     partly = any(name in report.modules for name in targets)
@@ -285,45 +197,3 @@ def _failed_in_block(error: Exception, index: int, targets: dict, report: Prunin
         return type(error)(message)
     except TypeError:  # an exception type that does not take one message
         return RuntimeError(message)
-
-
-def _prepare(method: PruningMethod, statistic, tokens: int, name: str, config: PruningConfig):
-    r"""What the kernel consumes for one input, with the input's moments when `mask_refinement` is set; `None`
-    (magnitude fallback) below `min_calibration_tokens`."""
-    from .refinement import RefinementInputs
-
-    if tokens < config.min_calibration_tokens:
-        logger.warning(
-            f"{name} saw {tokens} calibration tokens, fewer than `min_calibration_tokens`="
-            f"{config.min_calibration_tokens}: pruned by magnitude instead of {method.name}."
-        )
-        return None
-    moments = statistic.moments() if config.mask_refinement else None  # before `result()` hands the buffer over
-    with no_tf32():
-        prepared = method.prepare(statistic.result(), config) if method.prepare else statistic.result()
-    return prepared if moments is None else RefinementInputs(prepared, moments)
-
-
-def _prune_module(name, target, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
-    r"""Prunes one target with `stats` (for fused experts: `{expert: stats}`) and records it. `None` statistics
-    fall back to magnitude pruning; `mask_refinement` refines the method's mask; the weight is written back once."""
-    from .refinement import prune_and_refine
-
-    start = time.perf_counter()
-    pattern: SparsityTarget = config.target_for(name)
-    weight = weight_view(target)  # (out, in), or (E, out, in) for fused experts: a view of the parameter
-    matrices = weight.unbind(0) if isinstance(target, ExpertProjection) else (weight,)
-    per_matrix = stats if isinstance(target, ExpertProjection) else {0: stats}
-    errors, keep_masks = [], []
-    for i, matrix in enumerate(matrices):
-        kernel = method if per_matrix[i] is not None or method.statistic == "none" else get_method("magnitude")
-        with no_tf32():
-            result = prune_and_refine(kernel, matrix.detach(), per_matrix[i], pattern, config)
-        matrix.copy_(result.weight)
-        errors.append(result.error)
-        keep_masks.append(result.keep_mask)
-    error = sum(errors) if all(e is not None for e in errors) else None
-    report.modules[name] = measure_module(target, pattern, error=error, seconds=time.perf_counter() - start)
-    if report.keep_masks is not None:
-        keep = torch.stack(keep_masks) if isinstance(target, ExpertProjection) else keep_masks[0]
-        report.keep_masks[name] = keep.cpu()

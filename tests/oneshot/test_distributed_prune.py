@@ -28,21 +28,22 @@ def model_dir(tmp_path, tiny_model, char_tokenizer, calibration_text):
     return folder
 
 
-def prune_cli(prefix, model_dir, output):
+def prune_cli(prefix, model_dir, output, *extra):
     argv = [
         "-m", "hfprune", "prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "2:4",
         "--calibration", str(model_dir.parent / "calib.txt"), "--num-samples", "8", "--seq-len", "32",
         "--calibration-batch-size", "2", "--eval", str(model_dir.parent / "calib.txt"), "--output", str(output),
-        "--max-shard-size", "5GB", "--json", "--quiet",
+        "--max-shard-size", "5GB", "--json", "--quiet", *extra,
     ]  # fmt: skip
     result = subprocess.run([*prefix, *argv], env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout)
 
 
-def test_two_processes_prune_like_one(model_dir, tmp_path):
-    two = prune_cli(TORCHRUN, model_dir, tmp_path / "two")
-    one = prune_cli([sys.executable], model_dir, tmp_path / "one")
+@pytest.mark.parametrize("extra", [(), ("--true-sequential",)], ids=["one-pass", "true-sequential"])
+def test_two_processes_prune_like_one(model_dir, tmp_path, extra):
+    two = prune_cli(TORCHRUN, model_dir, tmp_path / "two", *extra)
+    one = prune_cli([sys.executable], model_dir, tmp_path / "one", *extra)
     assert two["world_size"] == 2 and two["report"]["world_size"] == 2  # two ranks really ran
     assert one["world_size"] == 1
     assert two["report"]["modules"].keys() == one["report"]["modules"].keys()

@@ -1,0 +1,179 @@
+r"""Pruning one decoder block from its calibration statistics: work units, their solves, and their exchange across
+processes.
+
+Work comes in *units*: the modules that read one input tensor (q/k/v; gate/up), which share one statistic and one
+prepared solve, and each fused expert parameter with one statistic per expert. Units are ordered by when the block's
+forward first calls them.
+
+With `true_sequential`, a block is pruned unit by unit: the first calibration pass collects every unit's statistics
+and prunes the first unit; each later pass re-runs the block, whose earlier units are now pruned, and collects only
+the next unit's statistic (o_proj sees the pruned attention's real output, down_proj the pruned gate/up's). That
+costs one more pass of the block per unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..checkpoints.record import PruningReport, measure_module
+from ..config import PruningConfig
+from ..models import in_features, weight_view
+from ..models.experts import ExpertProjection
+from ..sparsity import SparsityTarget, no_tf32
+from .capture import run_block
+from .collect import ExpertCollector, StatisticCollector
+from .methods import PruningMethod, get_method
+
+
+logger = logging.getLogger(__name__)
+
+
+def prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks) -> None:
+    r"""Collects the statistics of one block's `targets` and prunes them: in one calibration pass, or with
+    `config.true_sequential` one pass per unit (see the module's docstring)."""
+    if not config.true_sequential:
+        _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, None)
+        return
+    units = _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, 0)
+    for stage, names in enumerate(units[1:], start=1):
+        unit_targets = {name: targets[name] for name in names}
+        _prune_units(block, index, unit_targets, inputs, statistic_type, method, config, report, device, ranks, stage)
+
+
+def _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, stage):
+    r"""One calibration pass over `targets`, then their solves. `stage=None` solves every unit; stage 0 (the first
+    pass of `true_sequential`) only the first unit; a later stage every unit of its targets. Unit `u` of stage `s`
+    is solved on rank `owner(s + u)`. Returns every unit's names, in order."""
+    modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
+    experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
+    collector = StatisticCollector(modules, statistic_type, device)
+    expert_collector = ExpertCollector(experts, statistic_type, device)
+    error = None
+    try:
+        run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
+    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
+        error = e
+    finally:
+        collector.remove()
+        expert_collector.remove()
+    ranks.check(error, f"while calibrating decoder block {index}")
+    units = _units(modules, experts, collector, expert_collector, statistic_type, device, ranks)
+    order = [names for names, _ in units]
+    if stage == 0:
+        units = units[:1]  # the others are calibrated again once this unit is pruned
+    owners = [ranks.owner(u + (stage or 0)) for u in range(len(units))]
+    for _, statistics in units:
+        for statistic, _ in statistics.values():
+            ranks.reduce_statistic(statistic)
+    error = None
+    try:
+        for owner, (names, statistics) in zip(owners, units, strict=True):
+            if owner == ranks.rank:
+                _solve_unit(names, statistics, targets, method, config, report)
+            statistics.clear()
+    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
+        error = e
+    ranks.check(error, f"while pruning decoder block {index}")
+    if ranks.distributed:
+        for owner, (names, _) in zip(owners, units, strict=True):
+            for name in names:
+                _receive(name, targets[name], owner, report, ranks)
+    return order
+
+
+def _units(modules, experts, collector, expert_collector, statistic_type, device, ranks):
+    r"""`[(names, {key: (statistic, label)})]` in the same order on every rank: modules by their first call (those
+    never called last), then fused experts. A module no calibration token reached (an expert `nn.Linear` nothing was
+    routed to) gets an empty statistic, which falls back to magnitude pruning."""
+    leader_of = {}
+    for seen in ranks.gather_objects(collector.leader_of):  # in call order, rank 0's first
+        for name, leader in seen.items():
+            leader_of.setdefault(name, leader)
+    call_order = {name: i for i, name in enumerate(leader_of)}
+    groups: dict[str, list[str]] = {}
+    for name in sorted(modules, key=lambda n: call_order.get(n, len(call_order))):
+        groups.setdefault(leader_of.get(name, name), []).append(name)
+    units = []
+    for leader, names in groups.items():
+        statistic = collector.stats.pop(leader, None) or statistic_type(in_features(modules[leader]), device)
+        statistic.tokens = ranks.reduce_count(collector.tokens.get(leader, 0), device)
+        units.append((names, {None: (statistic, names[0])}))
+    for name, projection in experts.items():
+        statistics = {}
+        for expert in range(projection.num_experts):
+            statistic = expert_collector.stats.pop((name, expert), None)
+            if statistic is None:
+                statistic = statistic_type(projection.view().shape[-1], device)
+            statistic.tokens = ranks.reduce_count(expert_collector.tokens.get((name, expert), 0), device)
+            statistics[expert] = (statistic, f"{name}[{expert}]")
+        units.append(([name], statistics))
+    return units
+
+
+def _solve_unit(names, statistics, targets, method, config, report) -> None:
+    r"""Prepares a unit's statistics (one SparseGPT factorisation per input) and prunes its modules."""
+    prepared = {
+        key: _prepare(method, statistic, statistic.tokens, label, config)
+        for key, (statistic, label) in statistics.items()
+    }
+    statistics.clear()  # the raw statistics are consumed: `prepare` may have freed them
+    for name in names:
+        stats = prepared if isinstance(targets[name], ExpertProjection) else prepared[None]
+        prune_module(name, targets[name], method, stats, config, report)
+
+
+def _receive(name, target, owner: int, report: PruningReport, ranks) -> None:
+    r"""Takes module `name`'s pruned weight, keep mask and report entry from the rank that pruned it."""
+    ranks.broadcast_(target.weight.data, owner)
+    report.modules[name] = ranks.broadcast_object(report.modules.get(name), owner)
+    if report.keep_masks is not None:
+        keep = report.keep_masks.get(name)
+        if keep is None:
+            keep = torch.empty(weight_view(target).shape, dtype=torch.bool)
+        ranks.broadcast_(keep.to(target.weight.device), owner)
+        report.keep_masks[name] = keep.cpu()
+
+
+def _prepare(method: PruningMethod, statistic, tokens: int, name: str, config: PruningConfig):
+    r"""What the kernel consumes for one input, with the input's moments when `mask_refinement` is set; `None`
+    (magnitude fallback) below `min_calibration_tokens`."""
+    from .refinement import RefinementInputs
+
+    if tokens < config.min_calibration_tokens:
+        logger.warning(
+            f"{name} saw {tokens} calibration tokens, fewer than `min_calibration_tokens`="
+            f"{config.min_calibration_tokens}: pruned by magnitude instead of {method.name}."
+        )
+        return None
+    moments = statistic.moments() if config.mask_refinement else None  # before `result()` hands the buffer over
+    with no_tf32():
+        prepared = method.prepare(statistic.result(), config) if method.prepare else statistic.result()
+    return prepared if moments is None else RefinementInputs(prepared, moments)
+
+
+def prune_module(name, target, method: PruningMethod, stats, config: PruningConfig, report: PruningReport):
+    r"""Prunes one target with `stats` (for fused experts: `{expert: stats}`) and records it. `None` statistics
+    fall back to magnitude pruning; `mask_refinement` refines the method's mask; the weight is written back once."""
+    from .refinement import prune_and_refine
+
+    start = time.perf_counter()
+    pattern: SparsityTarget = config.target_for(name)
+    weight = weight_view(target)  # (out, in), or (E, out, in) for fused experts: a view of the parameter
+    matrices = weight.unbind(0) if isinstance(target, ExpertProjection) else (weight,)
+    per_matrix = stats if isinstance(target, ExpertProjection) else {0: stats}
+    errors, keep_masks = [], []
+    for i, matrix in enumerate(matrices):
+        kernel = method if per_matrix[i] is not None or method.statistic == "none" else get_method("magnitude")
+        with no_tf32():
+            result = prune_and_refine(kernel, matrix.detach(), per_matrix[i], pattern, config)
+        matrix.copy_(result.weight)
+        errors.append(result.error)
+        keep_masks.append(result.keep_mask)
+    error = sum(errors) if all(e is not None for e in errors) else None
+    report.modules[name] = measure_module(target, pattern, error=error, seconds=time.perf_counter() - start)
+    if report.keep_masks is not None:
+        keep = torch.stack(keep_masks) if isinstance(target, ExpertProjection) else keep_masks[0]
+        report.keep_masks[name] = keep.cpu()
