@@ -9,10 +9,11 @@ right after pruning) is not inflated by earlier runs:
   on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
   are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
   `--options` adds hfprune's one-shot options for Wanda, SparseGPT and ADMM: `owl` (`sparsity_profile="owl"`,
-  unstructured patterns only; llm-compressor's own OWL runs next to it), `dsnot` (`mask_refinement="dsnot"`) and
-  `owl+dsnot`, with a second table of every run and a goal at 70% and 2:4: perplexity at most dense + 0.7 x
-  (llm-compressor SparseGPT - dense), i.e. closing at least 30% of llm-compressor SparseGPT's gap to dense.
-  The runs that decide the goal go first, and the table is rewritten after every run, so a partial run keeps its rows.
+  unstructured patterns only; llm-compressor's own OWL runs next to it), `dsnot` (`mask_refinement="dsnot"`),
+  `sequential` (`true_sequential=True`) and the combinations `owl+dsnot`, `owl+sequential`, with a second table of
+  every run and a goal at 70% and 2:4: perplexity at most dense + 0.7 x (llm-compressor SparseGPT - dense), i.e.
+  closing at least 30% of llm-compressor SparseGPT's gap to dense. The runs that decide the goal go first, and the table is rewritten after every run, so a partial run keeps its rows;
+  `--resume` reuses every finished run in `--work-dir` whose spec is unchanged.
 - `wide`: a randomly initialized (seeded) Llama with hidden 2048, MLP 5632, 2 blocks, 32 heads and vocab 32000,
   calibrated on 128 x 256 random token ids. Times SparseGPT and Wanda (50% and 2:4) in both tools and compares
   each with a compute floor: the FLOPs the job cannot avoid divided by this machine's fp32 matmul rate, measured
@@ -60,12 +61,12 @@ WORK_DIR = DEFAULT_WORK_DIR  # `--work-dir`
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")  # llm-compressor has no ADMM: compared with its SparseGPT
 KDOC_PATTERNS = ("0.5", "0.7", "2:4", "4:8")
 # One-shot options of hfprune (`--options`): OWL block sparsities (`sparsity_profile="owl"`, unstructured only),
-# DSnoT mask refinement (`mask_refinement="dsnot"`), and both; magnitude runs uniform only.
-OPTIONS = ("uniform", "owl", "dsnot", "owl+dsnot")
+# DSnoT mask refinement (`mask_refinement="dsnot"`), unit-by-unit calibration in a block (`true_sequential=True`), and
+# combinations; magnitude runs uniform only.
+OPTIONS = ("uniform", "owl", "dsnot", "owl+dsnot", "sequential", "owl+sequential")
 GOAL_PATTERNS = ("0.7", "2:4")  # kdoc patterns with a perplexity goal for hfprune
-GOAL_KEEP = (
-    0.7  # goal: ppl <= dense + GOAL_KEEP * (llm-compressor SparseGPT ppl - dense), i.e. close >= 30% of the gap
-)
+# goal: ppl <= dense + GOAL_KEEP * (llm-compressor SparseGPT ppl - dense), i.e. close at least 30% of the gap
+GOAL_KEEP = 0.7
 WIDE_PATTERNS = ("0.5", "2:4")
 WIDE_CONFIG = {
     "hidden_size": 2048,
@@ -177,8 +178,10 @@ def block_sparsities(model) -> list[float]:
 
 
 def option_fields(option: str) -> dict:
-    r"""The `PruningConfig` fields of one entry of `OPTIONS`: 'uniform', 'owl', 'dsnot' or 'owl+dsnot'."""
+    r"""The `PruningConfig` fields of one entry of `OPTIONS`: 'uniform', or '+'-joined 'owl', 'dsnot', 'sequential'."""
     fields = {}
+    if "sequential" in option.split("+"):
+        fields["true_sequential"] = True
     if "owl" in option.split("+"):
         fields["sparsity_profile"] = "owl"
     if "dsnot" in option.split("+"):
@@ -275,6 +278,8 @@ def hfprune_job(spec: dict, args, label: str) -> dict:
     spec = {**spec, "threads": args.threads}
     spec_file = WORK_DIR / f"{label}.spec.json"
     out_file = WORK_DIR / f"{label}.result.json"
+    if args.resume and out_file.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return json.loads(out_file.read_text())  # this exact run finished before
     spec_file.write_text(json.dumps(spec))
     out_file.unlink(missing_ok=True)
     command = [
@@ -291,6 +296,14 @@ def hfprune_job(spec: dict, args, label: str) -> dict:
 
 def llmcompressor_job(spec: dict, args, label: str) -> dict:
     out_dir = WORK_DIR / label
+    if args.resume and (out_dir / "result.json").is_file():
+        eval_spec = {**spec, "tool": "llm-compressor", "weights": str(out_dir / "pruned.safetensors")}
+        result = json.loads((out_dir / "result.json").read_text())
+        if not spec.get("eval"):
+            return result
+        evaluated = hfprune_job(eval_spec, args, label + "-eval")  # itself reused when it finished before
+        result["perplexity"] = evaluated["perplexity"]
+        return result
     command = [
         str(args.llmc_python),
         str(REPO_ROOT / "benchmarks" / "llmcompressor_driver.py"),
@@ -720,13 +733,14 @@ def options_section(args, kdoc: dict) -> list[str]:
     owl_m, owl_lambda = owl_defaults()
     failed = [e for e in kdoc["entries"] if not e["result"]]
     return [
-        "### One-shot options: OWL and DSnoT, alone and together",
+        "### One-shot options: OWL, DSnoT and true-sequential calibration, alone and together",
         "",
         (
             f'Options (`--options {" ".join(args.options)}`): `uniform` (plain), `owl` (`sparsity_profile="owl"`: '
             f"each decoder block gets its own sparsity from its share of outlier Wanda scores, M = {owl_m:g}, "
             f'lambda = {owl_lambda:g}, hfprune\'s defaults; unstructured only), `dsnot` (`mask_refinement="dsnot"`), '
-            "and `owl+dsnot`. llm-compressor runs SparseGPT and Wanda uniform, and with its own OWL "
+            "`sequential` (`true_sequential=True`: each unit of a block calibrated on the outputs of the already "
+            "pruned units), and their combinations joined by '+'. llm-compressor runs SparseGPT and Wanda uniform, and with its own OWL "
             f'(`sparsity_profile="owl"`, `owl_m={owl_m:g}`, `owl_lmbda={owl_lambda:g}`; it has no defaults for them '
             "and no DSnoT). llm-compressor 0.14's OWL does not run in `oneshot` as shipped (`ValueError: Cannot invoke "
             "event before initializing`, and its per-layer sparsities are a dict where a list is indexed): "
@@ -946,10 +960,15 @@ def main() -> None:
         choices=OPTIONS,
         help="kdoc: hfprune's one-shot options to run for wanda, sparsegpt and admm (uniform = plain; owl = "
         "sparsity_profile='owl', unstructured patterns only, also run in llm-compressor; dsnot = "
-        "mask_refinement='dsnot'; owl+dsnot = both). Default: uniform",
+        "mask_refinement='dsnot'; sequential = true_sequential=True; a '+' joins two). Default: uniform",
     )
     parser.add_argument(
         "--work-dir", default=str(DEFAULT_WORK_DIR), help="folder for calibration ids, per-run files and bench.log"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the result of every run whose spec in --work-dir is unchanged (from an interrupted or earlier run)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
