@@ -19,15 +19,11 @@ from hfprune.sparsity import nm_violations
 UNITS_PER_BLOCK = {"llama": 4, "opt": 4, "gpt2": 4, "phi": 3, "falcon": 3}
 
 
+SMALL = {"num_calibration_samples": 8, "calibration_seq_len": 32, "calibration_batch_size": 4, "pruning_device": "cpu"}
+
+
 def config(method: str, sparsity: str = "2:4", **kwargs) -> PruningConfig:
-    kwargs = {
-        "num_calibration_samples": 8,
-        "calibration_seq_len": 32,
-        "calibration_batch_size": 4,
-        "pruning_device": "cpu",
-        **kwargs,
-    }
-    return PruningConfig(method=method, sparsity=sparsity, **kwargs)
+    return PruningConfig(method=method, sparsity=sparsity, **SMALL, **kwargs)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
