@@ -433,6 +433,11 @@ def main() -> None:
         help="draw training windows from all of train.txt, or only from its first max(8 x budget tokens, 1 MiB) chars",
     )
     parser.add_argument("--eval-windows", type=int, default=128)
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: write the table from the runs already stored in --work-dir (marked partial if any is missing)",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work-dir", default=str(REPO_ROOT / ".cache" / "bench-training"))
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "training.md"))
@@ -473,6 +478,19 @@ def main() -> None:
     todo = [s for s in specs if run_key(s) not in results]
     trained_todo = sum(s["flow"] in TRAINED for s in todo)
     print(f"{len(specs) - len(todo)} runs already done, {len(todo)} to go ({args.jobs} at a time)", flush=True)
+    if args.table_only:
+        text = table(results, args, common, 0.0, 0)
+        if todo:
+            missing = ", ".join(f"{s['flow']} {s['pattern']} seed {s['seed']}" for s in todo)
+            text = text.replace(
+                "\n",
+                f"\n\n**Partial: {len(specs) - len(todo)} of {len(specs)} runs done; not run yet: {missing}.**\n",
+                1,
+            )
+        print(text)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        return
     start = time.perf_counter()
     spent = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
