@@ -73,6 +73,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_deepspeed_config_left():
+    r"""`TrainingArguments(deepspeed=...)` registers a process-wide DeepSpeed config (even when it then fails because
+    DeepSpeed is not installed); a model built later in the same worker would read it. Drop it after every test."""
+    yield
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 @pytest.fixture
 def tiny_model():
     r"""Factory: `tiny_model("opt", num_hidden_layers=3)` builds a fresh tiny model (seeded by `_seed`)."""
