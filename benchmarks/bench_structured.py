@@ -407,10 +407,10 @@ def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path, 
     if kdoc:
         dense = kdoc[0]
         lines += [
-            "## Perplexity with no training (llama-kdoc-5m)",
+            f"## Perplexity with no training ({os.path.basename(os.path.normpath(args.model))})",
             "",
             (
-                f"Model `{args.model}`; calibration 128 windows x 256 tokens of `calib.txt` (seed 0); perplexity on all "
+                f"Model `{os.path.basename(os.path.normpath(args.model))}`; calibration 128 windows x 256 tokens of `calib.txt` (seed 0); perplexity on all "
                 "of `eval.txt`, windows of 256 tokens (`hfprune.perplexity`). No fine-tuning after pruning. Parameters "
                 "count the tied embedding once. Time is the pruning wall time (CPU, shared machine)."
             ),
