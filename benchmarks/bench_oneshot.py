@@ -296,14 +296,6 @@ def hfprune_job(spec: dict, args, label: str) -> dict:
 
 def llmcompressor_job(spec: dict, args, label: str) -> dict:
     out_dir = WORK_DIR / label
-    if args.resume and (out_dir / "result.json").is_file():
-        eval_spec = {**spec, "tool": "llm-compressor", "weights": str(out_dir / "pruned.safetensors")}
-        result = json.loads((out_dir / "result.json").read_text())
-        if not spec.get("eval"):
-            return result
-        evaluated = hfprune_job(eval_spec, args, label + "-eval")  # itself reused when it finished before
-        result["perplexity"] = evaluated["perplexity"]
-        return result
     command = [
         str(args.llmc_python),
         str(REPO_ROOT / "benchmarks" / "llmcompressor_driver.py"),
@@ -320,9 +312,10 @@ def llmcompressor_job(spec: dict, args, label: str) -> dict:
     if spec.get("option", "uniform") == "owl":
         owl_m, owl_lambda = owl_defaults()
         command += ["--profile", "owl", "--owl-m", str(owl_m), "--owl-lambda", str(owl_lambda)]
-    run_logged(command, WORK_DIR / "bench.log", args.threads)
+    if not (args.resume and (out_dir / "result.json").is_file()):  # else this run finished before
+        run_logged(command, WORK_DIR / "bench.log", args.threads)
     result = json.loads((out_dir / "result.json").read_text())
-    if spec.get("eval"):  # perplexity with hfprune's own evaluation, in a fresh process
+    if spec.get("eval"):  # perplexity with hfprune's own evaluation, in a fresh process (reused under --resume)
         weights = str(out_dir / "pruned.safetensors")
         evaluated = hfprune_job({**spec, "tool": "llm-compressor", "weights": weights}, args, label + "-eval")
         assert abs(evaluated["decoder_sparsity"] - result["decoder_sparsity"]) < 1e-9

@@ -122,20 +122,14 @@ def tiny_llama():
     ids=["fsdp1", "deepspeed"],
 )
 def test_fsdp1_and_deepspeed_are_refused(tmp_path, sharding):
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    model = tiny_llama()
+    model = tiny_llama()  # before TrainingArguments(deepspeed=...) registers its config (conftest drops it after)
     try:
-        try:
-            args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **sharding)
-        except (ImportError, ValueError) as error:  # transformers refuses DeepSpeed itself when it is not installed
-            pytest.skip(f"TrainingArguments refuses it already: {error}")
-        with pytest.raises(ValueError, match="not FSDP1 or DeepSpeed") as error:
-            PruningTrainer(model, args, pruning_config=PruningConfig(sparsity="2:4"))
-        assert "fsdp_version: 2" in str(error.value) and "launch with DDP" in str(error.value)
-    finally:
-        # TrainingArguments(deepspeed=...) registers a process-wide DeepSpeed config that later models would read
-        unset_hf_deepspeed_config()
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **sharding)
+    except (ImportError, ValueError) as error:  # transformers refuses DeepSpeed itself when it is not installed
+        pytest.skip(f"TrainingArguments refuses it already: {error}")
+    with pytest.raises(ValueError, match="not FSDP1 or DeepSpeed") as error:
+        PruningTrainer(model, args, pruning_config=PruningConfig(sparsity="2:4"))
+    assert "fsdp_version: 2" in str(error.value) and "launch with DDP" in str(error.value)
 
 
 def run(command: list[str], cwd: str) -> None:
