@@ -90,24 +90,42 @@ def keep_top_n(slabs: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def unstructured_keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
-    r"""Prunes exactly `floor(sparsity * count)` lowest scores, over the whole matrix or in every row.
+    r"""Prunes exactly `floor(sparsity * count)` lowest scores of the matrix, compared across it or within each row.
+
+    Per row (Wanda's comparison group), every row prunes its `K // out` lowest scores, and the `K % out` rows whose
+    next-lowest score is the lowest of all rows prune one more, so the matrix loses exactly `K = floor(sparsity *
+    out * in)` weights: a row-wise `floor(sparsity * in)` would prune less than asked whenever `sparsity * in` is not
+    whole (0.69922 instead of 0.7 for `in = 256`).
 
     Args:
         scores (`torch.Tensor` of shape `(out, in)`): importance scores, higher = more important.
         sparsity (`float`): fraction to prune.
         per_row (`bool`, *optional*, defaults to `False`):
             Compare weights within each output row (Wanda) instead of across the whole matrix (magnitude).
+
+    Example:
+        ```python
+        >>> scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 9.0, 8.0, 7.0]])
+        >>> unstructured_keep_mask(scores, 0.375, per_row=True).int().tolist()  # 3 pruned: 1 per row, then row 0's 2.0
+        [[0, 0, 1, 1], [0, 1, 1, 1]]
+        ```
     """
-    if per_row:
-        cols = scores.shape[1]
-        k = num_to_prune(cols, sparsity)
-        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        if k:
-            # ascending stable sort of the reversed row: among equal scores the higher index comes first and is pruned
-            order = scores.flip(1).sort(dim=1, stable=True).indices[:, :k]  # (out, k), reversed positions
-            keep.scatter_(1, cols - 1 - order, False)
+    total = num_to_prune(scores.numel(), sparsity)
+    if not per_row:
+        return ~lowest_mask(scores, total)
+    rows, cols = scores.shape
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if not total:
         return keep
-    return ~lowest_mask(scores, num_to_prune(scores.numel(), sparsity))
+    each, extra = divmod(total, rows)
+    # ascending stable sort of the reversed row: among equal scores the higher index comes first and is pruned
+    order = scores.flip(1).sort(dim=1, stable=True)  # values and reversed positions, (out, in)
+    keep.scatter_(1, cols - 1 - order.indices[:, :each], False)
+    if extra:
+        # the rows that prune one more: lowest next score, ties to the higher row (the lower one keeps its weight)
+        rows_more = lowest_mask(order.values[:, each], extra).nonzero().squeeze(1)  # (extra,)
+        keep[rows_more, cols - 1 - order.indices[rows_more, each]] = False
+    return keep
 
 
 def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -53,8 +53,9 @@ def test_blocks_get_the_oracle_sparsities_and_verify_holds_them(tiny_model, cali
         block = int(name.split(".")[2])
         assert float(entry.pattern) == pytest.approx(report.block_sparsities[block], abs=1e-6)
         weight = modules[name].weight
-        per_row = (weight == 0).sum(1)  # Wanda: the same count in every output row
-        assert (per_row == num_to_prune(weight.shape[1], float(entry.pattern))).all(), name
+        per_row = (weight == 0).sum(1)  # Wanda: per output row, counts differing by at most one
+        assert int(per_row.sum()) == num_to_prune(weight.numel(), float(entry.pattern)), name
+        assert int(per_row.max() - per_row.min()) <= 1, name
     folder = hfprune.save_pruned(model, tmp_path / "owl", CONFIG, report)
     assert hfprune.verify(folder).ok
     # a block pruned less than its own target no longer verifies, even if the average would hold

@@ -120,6 +120,26 @@ def test_unstructured_sparsity_is_exact(sparsity):
         assert (highest_pruned < lowest_kept).all()
 
 
+def test_per_row_prunes_the_exact_total_when_rows_cannot_split_it_evenly():
+    torch.manual_seed(0)
+    scores = torch.rand(6, 10)
+    keep_mask = unstructured_keep_mask(scores, 0.75, per_row=True)  # 45 of 60: 7.5 per row
+    pruned = (~keep_mask).sum(1)
+    assert int(pruned.sum()) == 45
+    assert sorted(pruned.tolist()) == [7, 7, 7, 8, 8, 8]
+    ranked = scores.sort(1).values
+    # each row prunes its lowest scores; the rows pruning 8 are the 3 with the lowest 8th-lowest score
+    for row in range(6):
+        assert set(scores[row][~keep_mask[row]].tolist()) == set(ranked[row, : int(pruned[row])].tolist())
+    assert set((pruned == 8).nonzero().squeeze(1).tolist()) == set(ranked[:, 7].argsort()[:3].tolist())
+
+
+def test_per_row_extra_prune_tie_goes_to_the_higher_row():
+    scores = torch.tensor([[1.0, 5.0, 6.0], [1.0, 5.0, 6.0], [1.0, 5.0, 6.0]])
+    keep_mask = unstructured_keep_mask(scores, 0.45, per_row=True)  # floor(4.05) = 4: one per row, then one more
+    assert keep_mask.int().tolist() == [[0, 1, 1], [0, 1, 1], [0, 0, 1]]
+
+
 def test_num_to_prune_floors_the_decimal_value():
     assert num_to_prune(100, 0.57) == 57  # 0.57 * 100 == 56.99999999999999 in floats
     assert num_to_prune(100, 0.29) == 29

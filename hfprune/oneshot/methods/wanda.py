@@ -17,7 +17,9 @@ def input_norms(sum_sq: torch.Tensor, config=None) -> torch.Tensor:
 def prune_weight(weight: torch.Tensor, norms: torch.Tensor, target: SparsityTarget, config=None) -> PruneResult:
     r"""Prunes `weight` `(out, in)` by |W| scaled by the input feature norms `norms` `(in,)`; no weight update.
 
-    Unstructured sparsity prunes the same count in every output row (Wanda's per-output comparison group);
+    Unstructured sparsity compares within each output row (Wanda's per-output comparison group): every row prunes
+    `floor(K / out)` weights and the rows with the cheapest next weight one more, so exactly `K = floor(p * out * in)`
+    go (a uniform `floor(p * in)` per row would prune less than asked);
     N:M keeps the `n` highest scores of every `m` consecutive inputs of each row.
     """
     scores = weight.abs().to(ACCUMULATE_DTYPE) * norms.to(weight.device, ACCUMULATE_DTYPE)[None, :]  # (out, in)
