@@ -135,6 +135,16 @@ def test_method_pattern_matrix(method, sparsity):
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_prunes_exactly_the_asked_count_when_it_does_not_split_evenly(method):
+    # floor(0.6 x 6 x 64) = 230; a floor per row gives 6 x floor(38.4) = 228, and a floor per SparseGPT column block
+    # of 16 gives 4 x floor(57.6) = 228
+    weight = torch.randn(6, 64)
+    result = prune(method, weight, calibration_inputs(), "0.6", block_size=16)
+    assert int((~result.keep_mask).sum()) == 230
+    assert (result.weight[~result.keep_mask] == 0).all()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_kernels_return_the_weight_dtype(method):
     weight = torch.randn(16, 64).to(torch.bfloat16)
     result = prune(method, weight, calibration_inputs(), "2:4")

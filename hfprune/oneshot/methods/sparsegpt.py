@@ -82,7 +82,8 @@ def prune_weight(weight: torch.Tensor, factor: SparseGPTFactor, target: Sparsity
 
     The lazy updates are exact: every column holds its fully updated value when it is reached. Unstructured masks
     are chosen once per block over all rows x B columns (sparsity per block, not per row), by the OBS score
-    `w^2 / U_jj^2`. N:M masks are chosen every `m` columns from the weights *as updated so far*, which is why that
+    `w^2 / U_jj^2`; each block prunes what brings the running count to `floor(p * rows * i2)`, so the whole matrix
+    loses exactly `floor(p * out * in)` weights. N:M masks are chosen every `m` columns from the weights *as updated so far*, which is why that
     selection stays inside the column loop.
     """
     return _sweep(weight, factor, target, 128 if config is None else config.block_size, None)
@@ -114,7 +115,8 @@ def _sweep(weight, factor: SparseGPTFactor, target: SparsityTarget | None, block
         if fixed_t is not None:
             pruned1 = fixed_t[i1:i2].clone()
         elif not nm:
-            k = num_to_prune(rows * width, target.sparsity)
+            # the running total of the blocks so far, so that the matrix loses exactly floor(p * out * in)
+            k = num_to_prune(rows * i2, target.sparsity) - num_to_prune(rows * i1, target.sparsity)
             if k:
                 pruned1 = lowest_mask(W1.square() / d.square()[:, None], k)
         err_scale = pruned1 / d[:, None]  # (B, out): 1 / U_jj where pruned, else 0
