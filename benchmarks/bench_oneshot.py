@@ -996,7 +996,9 @@ def main() -> None:
         output = WORK_DIR / f"oneshot-{'quick-' if args.quick else ''}{args.only or 'all'}.md"
     else:
         output = REPO_ROOT / "benchmarks" / "results" / "oneshot.md"
-    command = "python benchmarks/bench_oneshot.py " + shlex.join(sys.argv[1:])
+    # absolute paths are written relative to the repository, so a results file names no machine's folders
+    portable = [os.path.relpath(a, REPO_ROOT) if os.path.isabs(a) else a for a in sys.argv[1:]]
+    command = "python benchmarks/bench_oneshot.py " + shlex.join(portable)
     start = time.perf_counter()
 
     def log(message: str) -> None:
