@@ -75,7 +75,7 @@ def build_model(folder: Path, blocks: int, seed: int = 0) -> int:
 
 def worker(argv: list[str]) -> None:
     r"""Runs `hfprune ...` in this process and prints its peak resident set size (bytes) as the last line."""
-    from hfprune.cli import main
+    from hfprune.commands import main
 
     start = time.perf_counter()
     code = main(argv)
@@ -163,7 +163,7 @@ def peer_part(args, log) -> list[str]:
     import torch
     from transformers import AutoTokenizer
 
-    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.calibration.data import calibration_windows
 
     model = WORK_DIR / "llama-2x2048"
     weight_bytes = build_model(model, 2)

@@ -5,7 +5,7 @@ right after pruning) is not inflated by earlier runs:
 
 - `kdoc`: a small trained Llama (`--model`, default `../shared/models/llama-kdoc-5m`). Dense, magnitude, Wanda and
   SparseGPT at 50%, 70%, 2:4 and 4:8; calibration 128 windows x 256 tokens drawn from its `calib.txt`
-  (`hfprune.oneshot.calibration.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
+  (`hfprune.calibration.data.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
   on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
   are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
   `--options` adds hfprune's one-shot options for Wanda, SparseGPT and ADMM: `owl` (`sparsity_profile="owl"`,
@@ -378,7 +378,7 @@ def run_kdoc(args, log, save) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.calibration.data import calibration_windows
 
     model = str(Path(args.model).resolve())
     samples, seq_len = (16, 256) if args.quick else (128, 256)
@@ -871,7 +871,7 @@ def write_report(
             f"## Perplexity: {Path(args.model).name}",
             "",
             (
-                f"Calibration: {calibration} from `calib.txt` (`hfprune.oneshot.calibration.calibration_windows`, seed 0), "
+                f"Calibration: {calibration} from `calib.txt` (`hfprune.calibration.data.calibration_windows`, seed 0), "
                 f"the same token ids for both tools. Perplexity: {evaluation}, non-overlapping windows of 256 tokens, "
                 "`hfprune.perplexity` for every row (llm-compressor's pruned weights are loaded into a fresh copy of "
                 "the model). SparseGPT: block size 128, dampening 0.01. Pruned: every `nn.Linear` of the decoder "

@@ -303,7 +303,7 @@ def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.calibration.data import calibration_windows
     from hfprune.structured import prune_structured, reinit_like
 
     steps, batch = args.recovery_steps, args.recovery_batch_size
@@ -490,7 +490,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.calibration.data import calibration_windows
 
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,7 @@ def prepare_data(model_path: str, args: argparse.Namespace, file: Path) -> None:
     r"""Tokenizes `train.txt` (all, or its head) into a pool of windows (each seed draws from it) and `eval.txt`."""
     from transformers import AutoTokenizer
 
-    from hfprune.oneshot.calibration import tokenize_text
+    from hfprune.calibration.data import tokenize_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     needed = args.steps * args.batch_size * args.seq_len

@@ -79,7 +79,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfprune import perplexity
-    from hfprune.oneshot.calibration import calibration_windows
+    from hfprune.calibration.data import calibration_windows
     from hfprune.oneshot.methods import METHODS
     from hfprune.oneshot.refinement import dsnot_refine
     from hfprune.sparsity import SparsityTarget

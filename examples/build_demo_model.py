@@ -331,7 +331,7 @@ def build_demo_model(
     import torch
 
     from hfprune import perplexity
-    from hfprune.oneshot.calibration import tokenize_text
+    from hfprune.calibration.data import tokenize_text
 
     output_dir = Path(output_dir)
     if is_complete(output_dir) and not force:

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 import hfprune
 from hfprune import PruningConfig, PruningTrainer
-from hfprune.oneshot.calibration import load_text, tokenize_text
+from hfprune.calibration.data import load_text, tokenize_text
 
 
 @dataclass

@@ -1,13 +1,16 @@
 r"""hfprune: sparse language models for Hugging Face Transformers.
 
-The public API. Subpackages, lowest first (each imports only those before it):
+The public API. Subpackages, lowest first (each imports only those before it; `tests/test_layout.py` holds them to it):
 
 ```
-sparsity      pure mask math              utils        files, Hub uploads, processes
-config        PruningConfig               models       prunable modules, decoder blocks
-checkpoints   record, save/load, verify   oneshot      block-by-block pruning, methods
-training      PruningTrainer, -Mixin      integrations peft, 2:4 semi-structured
-evaluation    perplexity                  cli          the `hfprune` command
+sparsity      pure mask math, packed keep masks   utils         files, sources (local or Hub), Hub uploads
+config        PruningConfig                       models        prunable modules, decoder blocks, block layouts
+calibration   the engine: windows, block inputs,  checkpoints   record, save/load, verify, compact format, Hub
+              statistics, ranks, the run context
+oneshot       block-by-block sparsity, methods    structured    smaller models: heads, MLP channels, blocks
+evaluation    perplexity                          training      PruningTrainer, PruningMixin, gradient flows
+analysis      compare, sensitivity, lm-eval       integrations  peft, 2:4 semi-structured
+commands      the `hfprune` command line (`python -m hfprune`)
 ```
 """
 

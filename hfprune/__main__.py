@@ -1,7 +1,9 @@
 r"""`python -m hfprune ...` runs the `hfprune` command (also under `torchrun` and `accelerate launch -m`)."""
 
-from .cli import main
+import sys
+
+from .commands import main
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ from .version import __version__
 
 
 CONFIG_NAME = "pruning_config.json"
+DEFAULT_SPARSITY = "0.5"
 
 ONESHOT_METHODS = ("admm", "magnitude", "sparsegpt", "wanda")
 GRADIENT_FLOWS = ("none", "ste", "srste", "mdgf_linear", "mdgf_exp", "sdgf_stepwise", "sdgf_geometric")
@@ -59,8 +60,10 @@ class PruningConfig(PushToHubMixin):
     method: str | None = field(
         default=None,
         metadata={
-            "help": "One-shot method: 'sparsegpt', 'admm', 'wanda' or 'magnitude'. Required by `hfprune.prune`; in "
-            "PruningTrainer it prunes once before training starts (leave unset to start from the dense model)."
+            "help": "One-shot method: 'sparsegpt', 'admm', 'wanda' or 'magnitude'; with `structure`, the importance "
+            "criterion: 'sparsegpt' (OBS removal with reconstruction), 'wanda', 'taylor' or 'magnitude'. Required by "
+            "`hfprune.prune`; in PruningTrainer it prunes once before training starts (leave unset to start from "
+            "the dense model)."
         },
     )
     structure: dict[str, Any] | None = field(
@@ -77,11 +80,12 @@ class PruningConfig(PushToHubMixin):
             "help": "Structured pruning: re-initialize the pruned architecture (the train-from-scratch baseline)."
         },
     )
-    sparsity: str = field(
-        default="0.5",
+    sparsity: str | None = field(
+        default=None,
         metadata={
             "help": "Target sparsity: a fraction of zeros such as 0.5, or an N:M pattern such as '2:4' (at most N "
-            "nonzeros in every M consecutive weights along the input dimension)."
+            "nonzeros in every M consecutive weights along the input dimension). Default 0.5; not used with "
+            "`structure`, which makes the model smaller instead of sparse."
         },
     )
     targets: list[str] | None = field(
@@ -264,10 +268,18 @@ class PruningConfig(PushToHubMixin):
     def __post_init__(self):
         if self.hfprune_version is None:
             self.hfprune_version = __version__
-        if not isinstance(self.sparsity, str):
-            self.sparsity = str(self.sparsity)
-        self.target = SparsityTarget.parse(self.sparsity, field="sparsity")
         self.structure = parse_structure(self.structure) if self.structure else None
+        if self.structure and self.sparsity is not None:
+            raise ValueError(
+                f"`sparsity`={self.sparsity!r} and `structure`={self.structure!r} are both set: structured pruning "
+                "removes whole channels, heads and blocks and makes no weight sparse. Leave `sparsity` unset "
+                "(CLI: drop --sparsity) for structured pruning, or `structure` unset for a sparse model."
+            )
+        if self.sparsity is None and not self.structure:
+            self.sparsity = DEFAULT_SPARSITY
+        if self.sparsity is not None and not isinstance(self.sparsity, str):
+            self.sparsity = str(self.sparsity)
+        self.target = SparsityTarget.parse(self.sparsity, field="sparsity") if self.sparsity is not None else None
         if self.method is not None:
             self.method = self.method.lower()
             choices = STRUCTURED_METHODS if self.structure else ONESHOT_METHODS
@@ -299,6 +311,13 @@ class PruningConfig(PushToHubMixin):
             )
         check_choice("gradient_flow", self.gradient_flow, GRADIENT_FLOWS)
         check_choice("sparsity_profile", self.sparsity_profile, SPARSITY_PROFILES)
+        per_module = [name for name in ("sparsity_overrides",) if self.sparsity_overrides]
+        per_module += ["sparsity_profile"] if self.sparsity_profile != "uniform" else []
+        if self.structure and per_module:
+            raise ValueError(
+                f"`{per_module[0]}` sets the sparsity of modules or blocks; `structure` makes no weight sparse. Leave "
+                f"`{per_module[0]}` unset for structured pruning."
+            )
         if self.sparsity_profile == "owl":
             if self.target.is_nm:
                 raise ValueError(
@@ -345,7 +364,7 @@ class PruningConfig(PushToHubMixin):
         if self.calibration_seq_len is not None:
             check_positive("calibration_seq_len", self.calibration_seq_len)
         uses_blocks = self.method not in ("admm", "magnitude", "wanda")  # SparseGPT (or a trainer's one-shot start)
-        for target in [self.target] + [t for _, t in self.overrides]:
+        for target in ([self.target] if self.target else []) + [t for _, t in self.overrides]:
             if uses_blocks and target.is_nm and self.block_size % target.m:
                 raise ValueError(
                     f"`block_size`={self.block_size} must be a multiple of M={target.m} so that N:M groups line up "
@@ -376,12 +395,12 @@ class PruningConfig(PushToHubMixin):
                 f"{self.schedule_start_fraction} and {self.schedule_end_fraction}."
             )
         check_positive("schedule_frequency", self.schedule_frequency)
-        if self.sparsity_schedule == "cubic" and self.target.is_nm:
+        if self.sparsity_schedule == "cubic" and self.target is not None and self.target.is_nm:
             raise ValueError(
                 f"`sparsity_schedule`='cubic' is gradual unstructured pruning; `sparsity`={self.sparsity!r} is N:M. "
                 "Use a fraction such as 0.9, or an N:M `gradient_flow` with `sparsity_schedule`='constant'."
             )
-        if self.gradient_flow.startswith("sdgf") and not self.target.is_nm:
+        if self.gradient_flow.startswith("sdgf") and self.target is not None and not self.target.is_nm:
             raise ValueError(f"`gradient_flow`={self.gradient_flow!r} steps an N:M pattern; set `sparsity` to N:M.")
 
     # --- per-module resolution ---------------------------------------------------------------------------------
@@ -409,7 +428,10 @@ class PruningConfig(PushToHubMixin):
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
         r"""Builds a config from a dict, ignoring keys this version does not know (such as the per-module record)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("structure") and values.get("sparsity") == DEFAULT_SPARSITY:
+            values["sparsity"] = None  # structured records of 0.2.0.dev0 stored the unused default sparsity
+        return cls(**values)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         r"""Writes `pruning_config.json` into `save_directory` (atomically), optionally pushing it to the Hub."""

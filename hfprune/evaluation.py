@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration.data import load_text, resolve_seq_len, tokenize_text
 from .models import named_weights, read_weight
 from .models.offload import execution_device
-from .oneshot.calibration import load_text, resolve_seq_len, tokenize_text
 from .sparsity import sparsity_of
 
 

@@ -20,16 +20,16 @@ ALLOWED = {
     "sparsity": set(),
     "config": {"sparsity", "utils", "version"},
     "models": {"config", "sparsity", "utils"},
+    "calibration": {"models", "sparsity", "utils"},
     "checkpoints": {"config", "models", "sparsity", "utils"},
-    "oneshot": {"checkpoints", "config", "models", "sparsity", "utils"},
-    "structured": {"checkpoints", "config", "models", "oneshot", "sparsity", "utils"},
-    "training": {"checkpoints", "config", "models", "oneshot", "sparsity", "utils"},
+    "oneshot": {"calibration", "checkpoints", "config", "models", "sparsity", "utils"},
+    "structured": {"calibration", "checkpoints", "config", "models", "sparsity", "utils"},
+    "training": {"calibration", "checkpoints", "config", "models", "oneshot", "sparsity", "utils"},
     "integrations": {"checkpoints", "config", "models", "sparsity", "training", "utils"},
-    "evaluation": {"models", "oneshot", "sparsity"},
-    "launch": set(),
-    "analysis": {"checkpoints", "config", "evaluation", "models", "oneshot", "sparsity", "utils"},
+    "evaluation": {"calibration", "models", "sparsity"},
+    "analysis": {"calibration", "checkpoints", "config", "evaluation", "models", "oneshot", "sparsity", "utils"},
 }
-TOP = {"__init__", "__main__", "cli", "cli_prune", "cli_utils"}  # the command line may import any part
+TOP = {"__init__", "__main__", "commands"}  # the command line may import any part
 
 
 def module_name(path: Path) -> str:

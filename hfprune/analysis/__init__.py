@@ -1,8 +1,18 @@
 r"""Seeing where pruning hurts: dense vs pruned comparison, per-group sensitivity, and zero-shot task accuracy.
 
-May import: `hfprune.config`, `hfprune.sparsity`, `hfprune.models`, `hfprune.oneshot`, `hfprune.checkpoints`,
-`hfprune.evaluation`, `hfprune.utils`, torch and transformers (never the package root or the command line). matplotlib (plots) and lm-evaluation-harness (tasks) are optional and
-imported only inside the functions that need them.
+May import: `hfprune.calibration`, `hfprune.config`, `hfprune.sparsity`, `hfprune.models`, `hfprune.oneshot`,
+`hfprune.checkpoints`, `hfprune.evaluation`, `hfprune.utils`, torch and transformers (never the package root or
+`hfprune.commands`). matplotlib (plots) and lm-evaluation-harness (tasks) are optional and imported only inside the
+functions that need them.
+
+```
+compare.py      a dense and a pruned model on the same windows: block similarity, loss increases, damaged windows
+report.py       the comparison's report: dataclasses, report.md and report.json
+similarity.py   linear CKA and token cosine similarity (pure)
+sensitivity.py  one block or module kind pruned at a time: the perplexity increase, suggested overrides
+lm_eval.py      lm-evaluation-harness tasks on a model in memory, checked before it loads
+plots.py        the PNG plots (matplotlib)
+```
 """
 
 from .compare import compare

@@ -91,8 +91,8 @@ def compare(
         >>> report.pruned_perplexity, [round(b.cka, 3) for b in report.blocks]
         ```
     """
+    from ..calibration.data import resolve_seq_len
     from ..evaluation import evaluation_windows
-    from ..oneshot.calibration import resolve_seq_len
 
     if plots and output_dir is not None:
         from .plots import MATPLOTLIB_MISSING, is_matplotlib_available

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ..utils.sources import hub_offline, hub_reachable
+
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,6 +57,7 @@ def evaluate_tasks(
     include_defaults: bool = True,
     max_length: int | None = None,
     seed: int = 1234,
+    task_manager=None,
     **evaluate_kwargs: Any,
 ) -> dict[str, dict[str, float]]:
     r"""Runs lm-evaluation-harness tasks on `model` and returns each task's metrics.
@@ -73,6 +76,8 @@ def evaluate_tasks(
             (thousands of files, some seconds); `False` finds only the tasks under `include_path`.
         max_length (`int`, *optional*): the longest input; default the model's positions.
         seed (`int`, *optional*, defaults to 1234): the harness's random, numpy, torch and few-shot seeds.
+        task_manager (*optional*): the harness's `TaskManager` that [`load_tasks`] returned for `tasks` (the
+            command line checks the tasks before the model loads); by default built here.
         evaluate_kwargs: passed to `lm_eval.simple_evaluate` (`bootstrap_iters`, `apply_chat_template`, ...).
 
     Returns:
@@ -85,30 +90,13 @@ def evaluate_tasks(
         >>> results["arc_easy"]["acc"]
         ```
     """
-    if not is_lm_eval_available():
-        raise ImportError(LM_EVAL_MISSING)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
-    task_names = [t for t in task_names if t]
-    if not task_names:
-        raise ValueError("`tasks` is empty; name at least one lm-evaluation-harness task, e.g. 'arc_easy'.")
-    if include_path is not None and not isinstance(include_path, (str, os.PathLike)):
-        include_path = [os.fspath(p) for p in include_path]
-    elif include_path is not None:
-        include_path = os.fspath(include_path)
-    if not include_defaults and include_path is None:
-        raise ValueError("`include_defaults=False` needs an `include_path` to find tasks in.")
-    # Passed only when set, for harness versions whose TaskManager predates the argument.
-    task_manager = TaskManager(include_path=include_path, **({} if include_defaults else {"include_defaults": False}))
-    unknown = [t for t in task_names if t not in task_manager.all_tasks]
-    if unknown:
-        where = f" or in {include_path}" if include_path else ""
-        raise ValueError(
-            f"unknown lm-evaluation-harness task(s): {', '.join(unknown)}; not among the harness's tasks{where}."
-        )
+    if task_manager is None:
+        task_names, task_manager = load_tasks(tasks, include_path, include_defaults)
+    else:
+        task_names = _task_names(tasks)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         raise ValueError(
             "the tokenizer has neither a BOS nor an EOS token; lm-evaluation-harness needs one to score continuations."
@@ -135,6 +123,76 @@ def evaluate_tasks(
     if output is None:  # the harness returns None on non-zero ranks of a distributed run
         return {}
     return _metrics(output)
+
+
+def load_tasks(
+    tasks: str | Sequence[str],
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    include_defaults: bool = True,
+) -> tuple[list[str], Any]:
+    r"""The task names and the harness's `TaskManager`, checked before any model loads: every name is known, and the
+    data of tasks that read it from the Hub can be reached.
+
+    Without a network, a task whose dataset is on the Hub fails here, in seconds and with a message that says so,
+    instead of after the model has loaded and the harness has retried for half a minute. Tasks over local files
+    (`dataset_path: json` with local `data_files`, under `include_path`) need no network; with `HF_DATASETS_OFFLINE=1`
+    (or `HF_HUB_OFFLINE=1`), Hub datasets are read from the local cache.
+    """
+    if not is_lm_eval_available():
+        raise ImportError(LM_EVAL_MISSING)
+    from lm_eval.tasks import TaskManager
+
+    task_names = _task_names(tasks)
+    if include_path is None and not hub_offline(data=True) and not hub_reachable():
+        _refuse_offline(", ".join(task_names))  # every built-in task reads its data from the Hub
+    if include_path is not None and not isinstance(include_path, (str, os.PathLike)):
+        include_path = [os.fspath(p) for p in include_path]
+    elif include_path is not None:
+        include_path = os.fspath(include_path)
+    if not include_defaults and include_path is None:
+        raise ValueError("`include_defaults=False` needs an `include_path` to find tasks in.")
+    # Passed only when set, for harness versions whose TaskManager predates the argument.
+    task_manager = TaskManager(include_path=include_path, **({} if include_defaults else {"include_defaults": False}))
+    unknown = [t for t in task_names if t not in task_manager.all_tasks]
+    if unknown:
+        where = f" or in {include_path}" if include_path else ""
+        raise ValueError(
+            f"unknown lm-evaluation-harness task(s): {', '.join(unknown)}; not among the harness's tasks{where}."
+        )
+    remote = {t: _dataset_of(task_manager, t) for t in task_names}
+    remote = {t: d for t, d in remote.items() if d is not None}
+    if remote and not hub_offline(data=True) and not hub_reachable():
+        _refuse_offline(", ".join(f"{t} ({d})" for t, d in remote.items()))
+    return task_names, task_manager
+
+
+def _refuse_offline(tasks: str) -> None:
+    raise ValueError(
+        f"lm-evaluation-harness task(s) {tasks} read their data from the Hugging Face Hub, which cannot be reached "
+        "from this machine. Run them with network access; set HF_DATASETS_OFFLINE=1 if their datasets are in the "
+        "local cache; or define tasks over local files and pass their folder with `include_path` (CLI: "
+        "--include-path)."
+    )
+
+
+# `dataset_path` values of the `datasets` loaders that read local files named in `dataset_kwargs`.
+LOCAL_LOADERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
+
+
+def _dataset_of(task_manager, task: str) -> str | None:
+    r"""The Hub dataset `task` reads, `None` for a task over local files; a group or tag of tasks counts as remote."""
+    cfg = getattr(task_manager.task_index.get(task), "cfg", None) or {}
+    path = cfg.get("dataset_path", "several datasets")
+    return None if path in LOCAL_LOADERS or os.path.exists(str(path)) else str(path)
+
+
+def _task_names(tasks: str | Sequence[str]) -> list[str]:
+    r"""Task names from a list or a comma-separated string (each list entry may hold commas too)."""
+    items = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
+    names = [name.strip() for item in items for name in item.split(",") if name.strip()]
+    if not names:
+        raise ValueError("`tasks` is empty; name at least one lm-evaluation-harness task, e.g. 'arc_easy'.")
+    return names
 
 
 def _metrics(output: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 
-from .output import atomic_write
+from ..utils.files import atomic_write
 
 
 MATPLOTLIB_MISSING = "plots need matplotlib: `pip install hfprune[analysis]` (or `pip install matplotlib`)."

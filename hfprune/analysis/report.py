@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .output import finite_floats, write_json_atomic, write_text_atomic
+from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
 
 
 PLOT_FILES = {

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import PruningConfig
 from ..models import find_decoder_blocks, find_targets, weight_view
 from ..sparsity import SparsityTarget
-from .output import finite_floats, write_json_atomic, write_text_atomic
+from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
 
 
 GROUPINGS = ("block", "module_kind")
@@ -175,9 +175,9 @@ def sensitivity(
         >>> config = PruningConfig(method="wanda", sparsity="0.7", sparsity_overrides=result.suggested_overrides)
         ```
     """
+    from ..calibration.data import calibration_windows, load_text, resolve_seq_len, tokenize_text
     from ..evaluation import perplexity
     from ..oneshot import prune
-    from ..oneshot.calibration import calibration_windows, load_text, resolve_seq_len, tokenize_text
     from ..oneshot.methods import get_method
 
     if by not in GROUPINGS:

@@ -9,6 +9,7 @@ record.py      ModuleReport / PruningReport, write_record / read_record, checks 
 codec.py       the lossless compact encodings (pure)      compact.py   compact and keep-mask files
 load.py        load_pretrained, load_keep_masks            save.py      save_pruned, push_to_hub
 verify.py      verify a model or a folder                  hub.py       one-commit uploads
+structure.py   a structured checkpoint's widths against its record
 model_card.py  the README.md of a checkpoint
 ```
 """

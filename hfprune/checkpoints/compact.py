@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..sparsity import pack_bits
+from ..sparsity import KeepMasks, pack_bits
 from .codec import CompactFormatError, decode_tensor, encode_tensor, unpack_checked
 
 
@@ -118,11 +119,17 @@ def convert_folder_to_compact(folder: str, patterns: dict[str, tuple[int | None,
         f.write(COMPACT_NOTE.format(weights=COMPACT_WEIGHTS_NAME, version=COMPACT_FORMAT_VERSION))
 
 
-def save_keep_masks(file: str, keep_masks: dict[str, torch.Tensor]) -> None:
-    r"""Writes `bool` keep masks as bit-packed `uint8` tensors (1 bit per weight), shapes in the header metadata."""
+def save_keep_masks(file: str, keep_masks: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> None:
+    r"""Writes `bool` keep masks (of `names`, default all) as bit-packed `uint8` tensors (1 bit per weight), shapes in
+    the header metadata. Masks held in a [`~hfprune.sparsity.KeepMasks`] are written as they are packed."""
     os.makedirs(os.path.dirname(file), exist_ok=True)
-    shapes = {name: list(keep_mask.shape) for name, keep_mask in keep_masks.items()}
-    packed = {name: pack_bits(keep_mask.cpu(), 1) for name, keep_mask in keep_masks.items()}
+    shapes, packed = {}, {}
+    for name in keep_masks if names is None else names:
+        if isinstance(keep_masks, KeepMasks):
+            packed[name], shape = keep_masks.packed(name)
+        else:
+            packed[name], shape = pack_bits(keep_masks[name].cpu(), 1), keep_masks[name].shape
+        shapes[name] = list(shape)
     save_file(packed, file, metadata={KEEP_MASKS_METADATA_KEY: json.dumps(shapes)})
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, PruningConfig
 from ..models import ExpertProjection, Target, find_targets, is_transposed, named_weights, read_weight
-from ..sparsity import SparsityTarget, check_weight
+from ..sparsity import KeepMasks, SparsityTarget, check_weight
 from ..utils.files import file_info, read_json, weight_files, write_json_atomic
 from .compact import KEEP_MASKS_NAME
 
@@ -67,9 +67,9 @@ class PruningReport:
     pattern: str
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     seconds: float = 0.0
-    keep_masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    keep_masks: KeepMasks | dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """`bool` `(out, in)` keep mask of every pruned module (`(E, out, in)` for fused experts), on CPU, when asked for
-    with `return_masks=True`."""
+    with `return_masks=True`; [`~hfprune.sparsity.KeepMasks`] holds them at one bit per weight."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Prunable weights of the decoder blocks left dense, with the reason (`ignore`, `targets`, `skip_incompatible`)."""
     world_size: int = 1
@@ -206,15 +206,26 @@ class VerificationResult:
     checked: int = 0
     modules: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    structure: list[str] | None = None
+    """For a structured checkpoint (no sparsity pattern): where the model's blocks and widths disagree with the
+    recorded structure, an empty list when they agree; `None` for a sparse checkpoint."""
 
     @property
     def ok(self) -> bool:
-        return not self.modules and not self.files
+        return not self.modules and not self.files and not self.structure
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked, "modules": dict(self.modules), "files": dict(self.files)}
+        result = {"ok": self.ok, "checked": self.checked, "modules": dict(self.modules), "files": dict(self.files)}
+        if self.structure is not None:
+            result["structure"] = list(self.structure)
+        return result
 
     def __str__(self) -> str:
+        if self.structure is not None:
+            if self.ok:
+                return "OK: the model has the recorded structure, and its files are intact."
+            lines = [f"{name}: {problem}" for name, problem in self.files.items()] + list(self.structure)
+            return "\n".join(["FAILED: the checkpoint does not match its recorded structure:", *lines])
         if self.ok:
             return f"OK: {self.checked} modules keep their recorded sparsity pattern."
         lines = [f"{name}: {problem}" for name, problem in {**self.files, **self.modules}.items()]

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import PruningConfig
 from ..models import named_weights, read_weight
+from ..models.offload import offload_messages_silenced
 from ..sparsity import SparsityTarget
 from ..utils.distributed import is_main_process
 from ..utils.files import atomic_directory
@@ -116,13 +117,14 @@ def save_pruned(
         return target
 
     with atomic_directory(target, overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        with offload_messages_silenced():  # an offloaded model is written one shard at a time, as asked
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if format == "compact":
             convert_folder_to_compact(tmp, _compact_patterns(modules))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if keep_masks:
-            save_keep_masks(os.path.join(tmp, KEEP_MASKS_NAME), {name: keep_masks[name] for name in modules})
+            save_keep_masks(os.path.join(tmp, KEEP_MASKS_NAME), keep_masks, names=list(modules))
         record = write_record(tmp, config, modules, format=format, model_card=dict(model_card_info or {}))
         create_model_card(record, model_card_info, path=target).save(os.path.join(tmp, "README.md"))
     if push_to_hub:

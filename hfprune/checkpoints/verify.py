@@ -15,6 +15,7 @@ from .codec import CompactFormatError
 from .compact import COMPACT_WEIGHTS_NAME, load_compact
 from .load import load_pretrained
 from .record import VerificationResult, check_modules, read_record, tensor_name, verify_model
+from .structure import check_structure
 
 
 def verify(model_or_path: nn.Module | str | os.PathLike, record: Any = None) -> VerificationResult:
@@ -26,7 +27,8 @@ def verify(model_or_path: nn.Module | str | os.PathLike, record: Any = None) -> 
             `pruning_config.json` dict. Default: the record [`load_pretrained`] attached as `model.pruning_record`.
 
     Returns:
-        [`VerificationResult`]: `.ok`, `.modules` (broken module -> problem), `.files` (damaged file -> problem).
+        [`VerificationResult`]: `.ok`, `.modules` (broken module -> problem), `.files` (damaged file -> problem),
+        and for a structured checkpoint `.structure` (where its blocks and widths disagree with the record).
 
     Example:
         ```python
@@ -45,8 +47,11 @@ def _verify_folder(path: str) -> VerificationResult:
     if record is None:
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: it was not written by hfprune, nothing to verify.")
     damaged = check_files(path, record.get("files"))
-    if record.get("format") == "structured":  # no sparsity pattern to check; `hfprune verify` checks the shapes
-        return VerificationResult(files=damaged)
+    if record.get("format") == "structured":  # no sparsity pattern: the widths against the kept indices
+        structure = (
+            [] if damaged else check_structure(load_pretrained(path, verify_on_load=False), record["structured"])
+        )
+        return VerificationResult(files=damaged, structure=structure)
     try:
         result = _verify_weights(path, record)
     except (CompactFormatError, SafetensorError, OSError, KeyError) as e:

@@ -18,12 +18,40 @@ checkpoint's own safetensors          there (the checkpoint itself is never modi
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def offload_messages_silenced() -> Iterator[None]:
+    r"""Silences the two messages about offloaded models that tell a user of hfprune nothing to act on, where they
+    arise: accelerate's "Some parameters are on the meta device because they were offloaded" when a `device_map`
+    offloads (hfprune streams blocks from disk on purpose), and transformers' "Attempting to save a model with
+    offloaded modules ... (50GB default)" when one is saved (hfprune passes the shard size it means)."""
+    drop = _DropMessages("Some parameters are on the meta device because they were offloaded")
+    accelerate_logger = logging.getLogger("accelerate.big_modeling")
+    accelerate_logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Attempting to save a model with offloaded modules", UserWarning)
+            yield
+    finally:
+        accelerate_logger.removeFilter(drop)
 
 
 def offload_hooks(module: nn.Module) -> list:

@@ -1,15 +1,16 @@
-r"""One-shot pruning: the block-by-block driver, block input capture, calibration data, statistics, and the method
-kernels (`methods/`: pure functions in an explicit registry).
+r"""One-shot pruning: the block-by-block driver, the per-block solves, per-block sparsity profiles, mask refinement,
+and the method kernels (`methods/`: pure functions in an explicit registry).
 
-May import: `hfprune.config`, `hfprune.models`, `hfprune.sparsity`, `hfprune.checkpoints` (the per-module record).
-Never `hfprune.training`.
+May import: `hfprune.calibration` (the engine it runs on), `hfprune.config`, `hfprune.models`, `hfprune.sparsity`,
+`hfprune.checkpoints` (the per-module record), `hfprune.utils`. Never `hfprune.training`.
 
 ```
 driver.py       prune(): for each block, collect statistics -> prune its modules -> feed the next block
-capture.py      the inputs every block is called with, and replaying them
-statistics.py   Hessians and input norms, in float32
-calibration.py  text -> token windows; the sequence length
-methods/        magnitude, wanda, sparsegpt: prune_weight(weight, stats, target, config) -> PruneResult
+block.py        one block: work units (modules that share an input), their solves, their exchange across ranks
+profiles.py     OWL: a sparsity per block from the dense model's outlier activations
+owl.py          OWL's outlier ratio and block sparsities (pure)
+refinement.py   DSnoT: training-free swaps that refine a method's keep mask (pure), and its wiring
+methods/        magnitude, wanda, sparsegpt, admm: prune_weight(weight, stats, target, config) -> PruneResult
 ```
 """
 

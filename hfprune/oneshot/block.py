@@ -15,64 +15,75 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
+from ..calibration import BlockInputs, CalibrationRun
+from ..calibration.statistics import STATISTIC_TYPES
 from ..checkpoints.record import PruningReport, measure_module
 from ..config import PruningConfig
-from ..models import in_features, weight_view
+from ..models import weight_view
 from ..models.experts import ExpertProjection
 from ..sparsity import SparsityTarget, no_tf32
-from .capture import run_block
-from .collect import ExpertCollector, StatisticCollector
 from .methods import PruningMethod, get_method
 
 
 logger = logging.getLogger(__name__)
 
 
-def prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks) -> None:
+@dataclass
+class BlockPruning:
+    r"""What pruning the blocks of one run needs besides the block itself.
+
+    Args:
+        run ([`~hfprune.calibration.CalibrationRun`]): the blocks, device and ranks.
+        inputs ([`~hfprune.calibration.BlockInputs`]): the calibration inputs of the current block.
+        method ([`PruningMethod`]): the kernel.
+        config ([`PruningConfig`]): per-module patterns and the method's settings.
+        report ([`PruningReport`]): filled module by module.
+    """
+
+    run: CalibrationRun
+    inputs: BlockInputs
+    method: PruningMethod
+    config: PruningConfig
+    report: PruningReport
+
+    @property
+    def statistic_type(self):
+        return STATISTIC_TYPES[self.method.statistic]
+
+
+def prune_block(job: BlockPruning, block, index: int, targets: dict) -> None:
     r"""Collects the statistics of one block's `targets` and prunes them: in one calibration pass, or with
     `config.true_sequential` one pass per unit (see the module's docstring)."""
-    if not config.true_sequential:
-        _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, None)
+    if not job.config.true_sequential:
+        _prune_units(job, block, index, targets, None)
         return
-    units = _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, 0)
+    units = _prune_units(job, block, index, targets, 0)
     for stage, names in enumerate(units[1:], start=1):
-        unit_targets = {name: targets[name] for name in names}
-        _prune_units(block, index, unit_targets, inputs, statistic_type, method, config, report, device, ranks, stage)
+        _prune_units(job, block, index, {name: targets[name] for name in names}, stage)
 
 
-def _prune_units(block, index, targets, inputs, statistic_type, method, config, report, device, ranks, stage):
+def _prune_units(job: BlockPruning, block, index: int, targets: dict, stage: int | None) -> list[list[str]]:
     r"""One calibration pass over `targets`, then their solves. `stage=None` solves every unit; stage 0 (the first
     pass of `true_sequential`) only the first unit; a later stage every unit of its targets. Unit `u` of stage `s`
     is solved on rank `owner(s + u)`. Returns every unit's names, in order."""
+    ranks = job.run.ranks
     modules = {n: t for n, t in targets.items() if not isinstance(t, ExpertProjection)}
     experts = {n: t for n, t in targets.items() if isinstance(t, ExpertProjection)}
-    collector = StatisticCollector(modules, statistic_type, device)
-    expert_collector = ExpertCollector(experts, statistic_type, device)
-    error = None
-    try:
-        run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
-    except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
-        error = e
-    finally:
-        collector.remove()
-        expert_collector.remove()
-    ranks.check(error, f"while calibrating decoder block {index}")
-    units = _units(modules, experts, collector, expert_collector, statistic_type, device, ranks)
+    collector, expert_collector = job.run.collect(block, index, job.inputs, modules, job.statistic_type, experts)
+    units = _units(job, modules, experts, collector, expert_collector)
     order = [names for names, _ in units]
     if stage == 0:
         units = units[:1]  # the others are calibrated again once this unit is pruned
     owners = [ranks.owner(u + (stage or 0)) for u in range(len(units))]
-    for _, statistics in units:
-        for statistic, _ in statistics.values():
-            ranks.reduce_statistic(statistic)
     error = None
     try:
         for owner, (names, statistics) in zip(owners, units, strict=True):
             if owner == ranks.rank:
-                _solve_unit(names, statistics, targets, method, config, report)
+                _solve_unit(names, statistics, targets, job.method, job.config, job.report)
             statistics.clear()
     except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
         error = e
@@ -80,33 +91,27 @@ def _prune_units(block, index, targets, inputs, statistic_type, method, config, 
     if ranks.distributed:
         for owner, (names, _) in zip(owners, units, strict=True):
             for name in names:
-                _receive(name, targets[name], owner, report, ranks)
+                _receive(name, targets[name], owner, job.report, ranks)
     return order
 
 
-def _units(modules, experts, collector, expert_collector, statistic_type, device, ranks):
-    r"""`[(names, {key: (statistic, label)})]` in the same order on every rank: modules by their first call (those
-    never called last), then fused experts. A module no calibration token reached (an expert `nn.Linear` nothing was
-    routed to) gets an empty statistic, which falls back to magnitude pruning."""
-    leader_of = {}
-    for seen in ranks.gather_objects(collector.leader_of):  # in call order, rank 0's first
-        for name, leader in seen.items():
-            leader_of.setdefault(name, leader)
-    call_order = {name: i for i, name in enumerate(leader_of)}
+def _units(job: BlockPruning, modules, experts, collector, expert_collector):
+    r"""`[(names, {key: (statistic, label)})]` in the same order on every rank: modules by their leader's first call
+    (those never called last), with the statistics [`CalibrationRun.collect`] summed over the ranks, then fused
+    experts, whose statistics are summed here once every rank has one for every expert. A module or expert no
+    calibration token reached gets an empty statistic, which falls back to magnitude pruning."""
+    ranks, device = job.run.ranks, job.run.device
     groups: dict[str, list[str]] = {}
-    for name in sorted(modules, key=lambda n: call_order.get(n, len(call_order))):
-        groups.setdefault(leader_of.get(name, name), []).append(name)
-    units = []
-    for leader, names in groups.items():
-        statistic = collector.stats.pop(leader, None) or statistic_type(in_features(modules[leader]), device)
-        statistic.tokens = ranks.reduce_count(collector.tokens.get(leader, 0), device)
-        units.append((names, {None: (statistic, names[0])}))
+    for name, leader in collector.leader_of.items():  # in call order
+        groups.setdefault(leader, []).append(name)
+    units = [(names, {None: (collector.stats[leader], names[0])}) for leader, names in groups.items()]
     for name, projection in experts.items():
         statistics = {}
         for expert in range(projection.num_experts):
             statistic = expert_collector.stats.pop((name, expert), None)
             if statistic is None:
-                statistic = statistic_type(projection.view().shape[-1], device)
+                statistic = job.statistic_type(projection.view().shape[-1], device)
+            ranks.reduce_statistic(statistic)
             statistic.tokens = ranks.reduce_count(expert_collector.tokens.get((name, expert), 0), device)
             statistics[expert] = (statistic, f"{name}[{expert}]")
         units.append(([name], statistics))
@@ -133,7 +138,8 @@ def _receive(name, target, owner: int, report: PruningReport, ranks) -> None:
         keep = report.keep_masks.get(name)
         if keep is None:
             keep = torch.empty(weight_view(target).shape, dtype=torch.bool)
-        ranks.broadcast_(keep.to(target.weight.device), owner)
+        keep = keep.to(target.weight.device)  # the collective runs where the weights are (a copy on CUDA)
+        ranks.broadcast_(keep, owner)
         report.keep_masks[name] = keep.cpu()
 
 

@@ -24,20 +24,17 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..calibration import CalibrationRun
 from ..checkpoints.record import PruningReport
 from ..config import PruningConfig
-from ..models import find_decoder_blocks, find_targets, named_block_matrices
+from ..models import find_targets, named_block_matrices
 from ..models.experts import ExpertProjection
-from ..models.offload import check_writable, onloaded
-from .block import prune_block, prune_module
-from .calibration import calibration_windows, resolve_seq_len
-from .capture import capture_block_inputs, run_block
-from .distributed import Ranks
-from .methods import get_method
+from ..models.offload import check_writable
+from ..sparsity import KeepMasks
+from .block import BlockPruning, prune_block, prune_module
+from .methods import METHODS, get_method
 from .profiles import owl_block_sparsities, with_block_sparsities
-from .statistics import STATISTIC_TYPES
 
 
 logger = logging.getLogger(__name__)
@@ -80,30 +77,33 @@ def prune(
         ```
     """
     if config.method is None:
-        raise ValueError("`method` is not set; use PruningConfig(method='sparsegpt' | 'wanda' | 'magnitude', ...).")
+        raise ValueError(
+            f"`method` is not set; use PruningConfig(method='sparsegpt', ...) or another of {', '.join(sorted(METHODS))}."
+        )
     if config.structure:
         raise ValueError(
             "`structure` is set: that is structured pruning, which makes the model smaller instead of sparse; use "
             "`hfprune.prune_structured(model, config, calibration, tokenizer)`."
         )
     method = get_method(config.method)
-    blocks_path, blocks = find_decoder_blocks(model)
+    run = CalibrationRun.start(model, config.pruning_device, offload_folder, progress)
     skipped: dict[str, str] = {}
     block_targets = [
-        find_targets(block, config, prefix=f"{blocks_path}.{i}", skipped=skipped) for i, block in enumerate(blocks)
+        find_targets(block, config, prefix=f"{run.blocks_path}.{i}", skipped=skipped)
+        for i, block in enumerate(run.blocks)
     ]
     if not any(block_targets):
         raise ValueError(
             f"no prunable modules found in {type(model).__name__} (targets={config.targets}, ignore={config.ignore})."
         )
-    for block in blocks:
-        check_writable(block, offload_folder)
+    for block in run.blocks:
+        check_writable(block, run.offload_folder)
     report = PruningReport(
         method=method.name,
         pattern=str(config.target),
-        keep_masks={} if return_masks else None,
+        keep_masks=KeepMasks() if return_masks else None,
         skipped=skipped,
-        world_size=Ranks.current().world_size,
+        world_size=run.ranks.world_size,
     )
     start = time.perf_counter()
     was_training = model.training
@@ -111,23 +111,18 @@ def prune(
     try:
         with torch.no_grad():
             if method.statistic == "none":
-                device = resolve_device(config.pruning_device)
-                pairs = list(zip(blocks, block_targets, strict=True))
-                for block, targets in tqdm(pairs, desc=method.name, disable=not progress, unit="block"):
-                    with onloaded(block, device, offload_folder):
-                        for name, target in targets.items():
+                for index, block in run.each_block(method.name):
+                    with run.onloaded(block):
+                        for name, target in block_targets[index].items():
                             experts = isinstance(target, ExpertProjection)
                             stats = dict.fromkeys(range(target.num_experts)) if experts else None
                             prune_module(name, target, method, stats, config, report)
             else:
-                _prune_calibrated(
-                    model, blocks, blocks_path, block_targets, method, config, calibration, tokenizer, progress,
-                    report, offload_folder,
-                )  # fmt: skip
+                _prune_calibrated(run, block_targets, method, config, calibration, tokenizer, report)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
-    for _, weight in named_block_matrices(blocks, blocks_path):
+    for _, weight in named_block_matrices(run.blocks, run.blocks_path):
         report.block_numel += weight.numel()
         report.block_zeros += weight.numel() - int(torch.count_nonzero(weight))
     if skipped:
@@ -135,51 +130,24 @@ def prune(
     return report
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _prune_calibrated(
-    model, blocks, blocks_path, block_targets, method, config, calibration, tokenizer, progress, report, offload_folder
-):
+def _prune_calibrated(run: CalibrationRun, block_targets, method, config, calibration, tokenizer, report) -> None:
     if calibration is None:
         raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
-    device = resolve_device(config.pruning_device)
-    requested = config.calibration_seq_len
-    if requested is None and isinstance(calibration, torch.Tensor):
-        requested = calibration.shape[-1]  # ids given as (samples, seq_len) keep their length unless told otherwise
-    seq_len = resolve_seq_len(model, requested)
-    tokens = calibration_windows(
-        calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed
-    )
-    ranks = Ranks.current()
-    tokens = ranks.shard(tokens)  # (samples / world_size, seq_len) on each rank
+    tokens = run.windows(
+        calibration, tokenizer, config.num_calibration_samples, config.calibration_seq_len, config.calibration_seed
+    )  # (samples / world_size, seq_len) on each rank
     if config.sparsity_profile == "owl":
-        report.block_sparsities = owl_block_sparsities(
-            model, blocks, block_targets, config, tokens, device, offload_folder, ranks
-        )
-        config = with_block_sparsities(config, blocks_path, report.block_sparsities)
-    inputs = capture_block_inputs(
-        model, blocks, tokens, config.calibration_batch_size, device, config.offload_activations
-    )
-    statistic_type = STATISTIC_TYPES[method.statistic]
-
-    for index in tqdm(range(len(blocks)), desc=f"{method.name}", disable=not progress, unit="block"):
-        block, targets = blocks[index], block_targets[index]
+        report.block_sparsities = owl_block_sparsities(run, block_targets, config, tokens)
+        config = with_block_sparsities(config, run.blocks_path, report.block_sparsities)
+    inputs = run.capture(tokens, config.calibration_batch_size, config.offload_activations)
+    job = BlockPruning(run, inputs, method, config, report)
+    for index, block in run.each_block(method.name):
+        targets = block_targets[index]
         try:
-            with onloaded(block, device, offload_folder):  # and back home (or to its offload map) after
+            with run.onloaded(block):  # and back home (or to its offload map) after
                 if targets:
-                    prune_block(block, index, targets, inputs, statistic_type, method, config, report, device, ranks)
-                # the pruned block's outputs calibrate the next block
-                error = None
-                try:
-                    if index + 1 < len(blocks):
-                        run_block(block, index, inputs, write_back=True)
-                except Exception as e:  # noqa: BLE001  (shared with the other ranks before anyone raises)
-                    error = e
-                ranks.check(error, f"while running decoder block {index}")
+                    prune_block(job, block, index, targets)
+                run.advance(block, index, inputs)  # the pruned block's outputs calibrate the next block
         except Exception as e:
             inputs.hidden.clear()
             raise _failed_in_block(e, index, targets, report) from e

@@ -12,52 +12,31 @@ import dataclasses
 import re
 
 import torch
-from torch import nn
 
+from ..calibration import CalibrationRun, InputNormStatistic
 from ..config import PruningConfig
 from ..models import ExpertProjection, read_weight
-from ..models.offload import onloaded
-from .capture import capture_block_inputs, run_block
-from .collect import StatisticCollector
-from .distributed import Ranks
 from .owl import outlier_ratio, owl_sparsities, wanda_scores
-from .statistics import InputNormStatistic
 
 
 def owl_block_sparsities(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    block_targets: list[dict],
-    config: PruningConfig,
-    tokens: torch.Tensor,
-    device: torch.device,
-    offload_folder,
-    ranks: Ranks,
+    run: CalibrationRun, block_targets: list[dict], config: PruningConfig, tokens: torch.Tensor
 ) -> dict[int, float]:
     r"""`{block index: sparsity}` from OWL on the dense model (blocks without targets are left out). Fused experts do
     not enter the outlier ratio; their block's sparsity applies to them."""
-    inputs = capture_block_inputs(
-        model, blocks, tokens, config.calibration_batch_size, device, config.offload_activations
-    )
+    inputs = run.capture(tokens, config.calibration_batch_size, config.offload_activations)
     ratios = {}
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(run.blocks):
         modules = {n: t for n, t in block_targets[index].items() if not isinstance(t, ExpertProjection)}
-        with onloaded(block, device, offload_folder, write_back=False):
+        with run.onloaded(block, write_back=False):
             if modules:
-                collector = StatisticCollector(modules, InputNormStatistic, device)
-                try:
-                    run_block(block, index, inputs, write_back=False, before_batch=collector.next_batch)
-                finally:
-                    collector.remove()
-                for statistic in collector.stats.values():
-                    ranks.reduce_statistic(statistic)
+                collector, _ = run.collect(block, index, inputs, modules, InputNormStatistic)
                 scores = [
-                    wanda_scores(read_weight(m).to(device), collector.stats[collector.leader_of[n]].sum)
+                    wanda_scores(read_weight(m).to(run.device), collector.stats[collector.leader_of[n]].sum)
                     for n, m in modules.items()
                 ]
                 ratios[index] = outlier_ratio(scores, config.owl_threshold)
-            if index + 1 < len(blocks):
-                run_block(block, index, inputs, write_back=True)
+            run.advance(block, index, inputs)
     inputs.hidden.clear()
     sparsities = owl_sparsities(list(ratios.values()), config.target.sparsity, config.owl_lambda)
     return dict(zip(ratios, sparsities, strict=True))

@@ -30,7 +30,7 @@ the mean input used here. The code keeps the sign check for N:M masks but skips 
 **In one-shot pruning** (`PruningConfig(mask_refinement="dsnot")`, after `sparsegpt`, `wanda` or `admm`;
 [`prune_and_refine`]): the method prunes a module, then DSnoT refines its keep mask with the dense weight and the
 calibration moments of the module's input (`E[X_j]`, `Var[X_j]` and `E[X_j^2]` in place of `||X_j||^2`, from the
-driver's statistics, [`~hfprune.oneshot.statistics.ColumnMoments`]). The counts of the method's mask stay exact: per
+driver's statistics, [`~hfprune.calibration.statistics.ColumnMoments`]). The counts of the method's mask stay exact: per
 row for unstructured masks (whatever the method's own counts were), per group of `m` for N:M. The weights are then:
 
 - for a method with a fixed-mask weight update (`PruningMethod.reconstruct`: SparseGPT's column sweep, ADMM's
@@ -50,9 +50,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..calibration.statistics import ColumnMoments
 from ..sparsity import ACCUMULATE_DTYPE, SparsityTarget
 from .methods import PruneResult, PruningMethod
-from .statistics import ColumnMoments
 
 
 DEFAULT_MAX_CYCLES = 50

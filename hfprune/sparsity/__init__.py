@@ -7,6 +7,7 @@ this one.
 from .bits import PackedBitsError, index_bits, pack_bits, unpack_bits
 from .checks import check_weight, nm_violations, sparsity_of
 from .numerics import ACCUMULATE_DTYPE, no_tf32
+from .packed import KeepMasks
 from .selection import (
     keep_mask_from_scores,
     keep_top_n,
@@ -20,6 +21,7 @@ from .target import SparsityTarget, num_to_prune
 
 __all__ = [
     "ACCUMULATE_DTYPE",
+    "KeepMasks",
     "PackedBitsError",
     "SparsityTarget",
     "check_weight",

@@ -1,22 +1,24 @@
 r"""Structured pruning: remove attention heads, MLP channels and whole decoder blocks, and save a standard, smaller
 dense model that plain `AutoModelForCausalLM.from_pretrained` loads.
 
-May import: `hfprune.models`, `hfprune.oneshot` (block input capture, statistics, calibration data). Never
-`hfprune.training` or `hfprune.cli`.
+May import: `hfprune.calibration` (block input capture, statistics, calibration data), `hfprune.checkpoints`,
+`hfprune.config`, `hfprune.models`, `hfprune.utils`. Never `hfprune.oneshot`, `hfprune.training` or
+`hfprune.commands`.
 
 ```
 groups.py       coupled units: which rows and columns of which modules make one MLP channel or attention head
+                (the block layouts themselves are `hfprune.models.layouts`)
 plan.py         what a `structure` removes, checked against the architecture's config before anything is touched
 shrink.py       slicing modules, removing blocks, writing the new widths into the config
 importance.py   magnitude / wanda / taylor scores per unit (pure), and the calibration gradient pass
 obs.py          OBS removal of column groups with reconstruction of the layer's output (pure)
 driver.py       prune_structured(): block by block, like one-shot pruning; reinit_like()
-record.py       the saved record against a model: check_record() for verify, apply_record() to re-apply it
+record.py       apply_record(): a saved record re-applied to the dense model (`hfprune.verify` checks one)
 ```
 """
 
 from .driver import StructuredReport, block_angular_distances, prune_structured, reinit_like
-from .groups import BLOCK_LAYOUTS, BlockLayout, CoupledGroups, Member, find_layout, head_groups, mlp_groups
+from .groups import CoupledGroups, Member, head_groups, mlp_groups
 from .importance import (
     IMPORTANCE_METHODS,
     calibration_gradients,
@@ -27,16 +29,14 @@ from .importance import (
     wanda_importance,
 )
 from .obs import ObsResult, obs_remove_units
-from .plan import StructurePlan, parse_structure, plan_structure
-from .record import apply_record, check_record
+from .plan import StructurePlan, parse_structure, plan_for_model, plan_structure
+from .record import apply_record
 from .save import save_structured
 from .shrink import apply_config, remove_blocks, shrink_groups, shrink_module
 
 
 __all__ = [
-    "BLOCK_LAYOUTS",
     "IMPORTANCE_METHODS",
-    "BlockLayout",
     "CoupledGroups",
     "Member",
     "ObsResult",
@@ -46,8 +46,6 @@ __all__ = [
     "apply_record",
     "block_angular_distances",
     "calibration_gradients",
-    "check_record",
-    "find_layout",
     "group_importance",
     "head_groups",
     "keep_units_from_scores",
@@ -55,6 +53,7 @@ __all__ = [
     "mlp_groups",
     "obs_remove_units",
     "parse_structure",
+    "plan_for_model",
     "plan_structure",
     "prune_structured",
     "reinit_like",

@@ -18,18 +18,22 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..calibration import (
+    BlockInputs,
+    CalibrationRun,
+    HessianStatistic,
+    InputNormStatistic,
+    capture_block_inputs,
+    run_block,
+)
 from ..config import PruningConfig
-from ..models.blocks import find_decoder_blocks
+from ..models.layouts import BlockLayout
 from ..models.offload import is_offloaded, onloaded
-from ..oneshot.calibration import calibration_windows, resolve_seq_len
-from ..oneshot.capture import BlockInputs, capture_block_inputs, run_block
-from ..oneshot.statistics import HessianStatistic, InputNormStatistic
-from .groups import BlockLayout, CoupledGroups, find_layout, head_groups, mlp_groups, weight_view
+from .groups import CoupledGroups, head_groups, mlp_groups, weight_view
 from .importance import IMPORTANCE_METHODS, calibration_gradients, group_importance, keep_units_from_scores
 from .obs import obs_remove_units
-from .plan import StructurePlan, parse_structure, plan_structure
+from .plan import StructurePlan, parse_structure, plan_for_model
 from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
 
 
@@ -93,7 +97,7 @@ def prune_structured(
             [`~hfprune.utils.checks.parse_structure`]. A `PruningConfig` with `structure` set supplies it and every
             setting below (`method`, the calibration fields, `dampening`, `pruning_device`, `reinit`).
         method (`str`): `"magnitude"`, `"wanda"`, `"taylor"` or `"sparsegpt"` (OBS removal with reconstruction).
-        calibration (*optional*): what [`~hfprune.oneshot.calibration.calibration_windows`] reads: text file,
+        calibration (*optional*): what [`~hfprune.calibration.data.calibration_windows`] reads: text file,
             dataset, strings, or a `LongTensor` of ids `(samples, seq_len)`. Needed unless `method="magnitude"`
             and no blocks are removed.
         tokenizer (*optional*): to tokenize `calibration` text.
@@ -136,26 +140,18 @@ def prune_structured(
             "structured pruning changes the shapes of the weights, which offloaded blocks (a `device_map` with CPU "
             "or disk offload) cannot take; load the model on one device."
         )
-    blocks_path, blocks = find_decoder_blocks(model)
-    layouts = {find_layout(block, f"{blocks_path}.{i}") for i, block in enumerate(blocks)}
-    if len(layouts) != 1:
-        raise ValueError(f"the blocks of {type(model).__name__} mix layouts {sorted(x.name for x in layouts)}.")
-    layout = layouts.pop()
-    channels = mlp_groups(blocks[0], layout).num_units
-    plan = plan_structure(model.config, layout, channels, len(blocks), parsed)
+    run = CalibrationRun.start(model, device, progress=progress)
+    blocks_path, blocks = run.blocks_path, run.blocks
+    layout, plan = plan_for_model(model, parsed)
     report = StructuredReport(parsed, method, plan.head_mode, len(blocks))
-    device = torch.device(device) if device is not None else _default_device()
 
     tokens = None
     calibrated = method in ("wanda", "sparsegpt") and (plan.mlp_remove or plan.heads_remove)
     if calibrated or plan.blocks_remove or method == "taylor":
         if calibration is None:
             raise ValueError(f"`method`={method!r} with this structure needs calibration data; pass `calibration=`.")
-        requested = calibration_seq_len
-        if requested is None and isinstance(calibration, torch.Tensor):
-            requested = calibration.shape[-1]
-        seq_len = resolve_seq_len(model, requested)
-        tokens = calibration_windows(calibration, tokenizer, num_calibration_samples, seq_len, seed)
+        # every process calibrates on all the windows (structured pruning is not split over ranks)
+        tokens = run.windows(calibration, tokenizer, num_calibration_samples, calibration_seq_len, seed, shard=False)
 
     was_training = model.training
     model.eval()
@@ -163,23 +159,23 @@ def prune_structured(
         kept = list(range(len(blocks)))
         if plan.blocks_remove:
             with torch.no_grad():
-                distances = block_angular_distances(model, blocks, tokens, batch_size, device)
+                distances = block_angular_distances(model, blocks, tokens, batch_size, run.device)
             report.block_distances = distances
             report.removed_blocks = sorted(torch.tensor(distances).argsort(stable=True)[: plan.blocks_remove].tolist())
             kept = remove_blocks(model, blocks_path, report.removed_blocks)
-            blocks = find_decoder_blocks(model)[1]
+            run = CalibrationRun.start(model, run.device, progress=progress)
         grads = None
         if method == "taylor" and (plan.mlp_remove or plan.heads_remove):
-            modules = [m.module for b in blocks for g in _groups(b, layout, model.config, plan) for m in g.members]
+            modules = [m.module for b in run.blocks for g in _groups(b, layout, model.config, plan) for m in g.members]
             grads = calibration_gradients(model, tokens, modules, batch_size)
         with torch.no_grad():
             if plan.mlp_remove or plan.heads_remove:
-                inputs = capture_block_inputs(model, blocks, tokens, batch_size, device) if calibrated else None
-                iterator = tqdm(range(len(blocks)), desc=f"structured {method}", disable=not progress, unit="block")
-                run = _Run(layout, model.config, plan, method, dampening, device, inputs, grads, report)
-                for index in iterator:
-                    _prune_block(run, index, kept[index], blocks[index])
-            apply_config(model, blocks, layout, plan.head_mode)
+                inputs = run.capture(tokens, batch_size) if calibrated else None
+                job = _Run(run, layout, model.config, plan, method, dampening, inputs, grads, report)
+                for index, block in run.each_block(f"structured {method}"):
+                    with run.onloaded(block):  # and back home after
+                        _prune_block(job, index, kept[index], block)
+            apply_config(model, run.blocks, layout, plan.head_mode)
     finally:
         model.train(was_training)
     if reinit:
@@ -231,28 +227,23 @@ def reinit_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 @dataclass
 class _Run:
+    calibration: CalibrationRun
     layout: BlockLayout
     config: object
     plan: StructurePlan
     method: str
     dampening: float
-    device: torch.device
     inputs: BlockInputs | None
     grads: dict | None
     report: StructuredReport
 
 
 def _prune_block(run: _Run, index: int, original: int, block: nn.Module) -> None:
-    with onloaded(block, run.device):  # and back home after
-        _prune_onloaded_block(run, index, original, block)
-
-
-def _prune_onloaded_block(run: _Run, index: int, original: int, block: nn.Module) -> None:
-    layout, plan, method, inputs, device, report = run.layout, run.plan, run.method, run.inputs, run.device, run.report
+    layout, plan, method, inputs, report = run.layout, run.plan, run.method, run.inputs, run.report
     record = report.layers.setdefault(original, {})
     for groups in _groups(block, layout, run.config, plan):
         num_remove = plan.units_remove if groups.kind == "heads" else plan.mlp_remove
-        stats = _collect(block, index, groups, method, inputs, device) if inputs is not None else {}
+        stats = _collect(run.calibration, block, index, groups, method, inputs) if inputs is not None else {}
         if method == "sparsegpt":
             consumer = weight_view(groups.consumer.module)
             H = stats[id(groups.consumer.module)]
@@ -283,25 +274,17 @@ def _groups(block, layout, config, plan: StructurePlan) -> list[CoupledGroups]:
     return groups
 
 
-def _collect(block, index: int, groups: CoupledGroups, method: str, inputs: BlockInputs, device) -> dict:
-    r"""`id(module) -> statistic` from one pass of the calibration batches: input norms (wanda) or the consumer's
-    Hessian (sparsegpt)."""
+def _collect(run: CalibrationRun, block, index: int, groups: CoupledGroups, method: str, inputs: BlockInputs) -> dict:
+    r"""`id(module) -> statistic` from one pass of the calibration batches: the consumer's Hessian (sparsegpt), or
+    the input feature norms `‖X_j‖₂` of every member (wanda; q/k/v and gate/up share theirs)."""
     if method == "sparsegpt":
-        modules = [groups.consumer.module]
-        make = HessianStatistic
-    else:
-        modules = list({id(m.module): m.module for m in groups.members}.values())
-        make = InputNormStatistic
-    stats = {id(m): make(weight_view(m).shape[1], device) for m in modules}
-    handles = [m.register_forward_pre_hook(lambda mod, args: stats[id(mod)].update(args[0])) for m in modules]
-    try:
-        run_block(block, index, inputs, write_back=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if method == "sparsegpt":
-        return {key: stat.result() for key, stat in stats.items()}
-    return {key: stat.result().sqrt() for key, stat in stats.items()}  # squared norms -> ‖X_j‖₂
+        consumer = groups.consumer
+        collector, _ = run.collect(block, index, inputs, {consumer.name: consumer.module}, HessianStatistic)
+        return {id(consumer.module): collector.stats[consumer.name].result()}
+    modules = {m.name: m.module for m in groups.members}
+    collector, _ = run.collect(block, index, inputs, modules, InputNormStatistic)
+    norms = {leader: statistic.result().sqrt() for leader, statistic in collector.stats.items()}  # squared -> ‖X_j‖₂
+    return {id(module): norms[collector.leader_of[name]] for name, module in modules.items()}
 
 
 def _kept_heads(keep: list[int], plan: StructurePlan) -> dict:
@@ -314,7 +297,3 @@ def _kept_heads(keep: list[int], plan: StructurePlan) -> dict:
 def _config_fields(config, layout) -> dict:
     names = ("num_hidden_layers", layout.mlp_field, "num_attention_heads", "num_key_value_heads", "head_dim")
     return {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,9 +23,11 @@ import math
 from dataclasses import dataclass
 
 from huggingface_hub.errors import StrictDataclassError
+from torch import nn
 
+from ..models import find_decoder_blocks, weight_view
+from ..models.layouts import BlockLayout, find_layout, head_shape
 from ..utils.checks import GQA_MODES, STRUCTURE_KEYS, parse_structure  # noqa: F401  (parse_structure: re-exported)
-from .groups import BlockLayout, head_shape
 
 
 @dataclass
@@ -50,6 +52,21 @@ class StructurePlan:
         if self.head_mode == "kv":
             return self.heads - self.heads_remove, self.kv_heads - self.units_remove
         return self.heads - self.heads_remove, self.kv_heads
+
+
+def plan_for_model(model: nn.Module, structure) -> tuple[BlockLayout, StructurePlan]:
+    r"""The layout of `model`'s decoder blocks and what `structure` removes from them, checked against its config.
+
+    Reads only shapes and the config, so a model built on the `meta` device is enough: the command line checks a
+    structure this way before any weight loads.
+    """
+    blocks_path, blocks = find_decoder_blocks(model)
+    layouts = {find_layout(block, f"{blocks_path}.{i}") for i, block in enumerate(blocks)}
+    if len(layouts) != 1:
+        raise ValueError(f"the blocks of {type(model).__name__} mix layouts {sorted(x.name for x in layouts)}.")
+    layout = layouts.pop()
+    channels = weight_view(blocks[0].get_submodule(layout.mlp_consumer)).shape[1]
+    return layout, plan_structure(model.config, layout, channels, len(blocks), structure)
 
 
 def plan_structure(config, layout: BlockLayout, mlp_channels: int, num_blocks: int, structure) -> StructurePlan:

@@ -1,4 +1,4 @@
-r"""The record of a structured pruning run ([`StructuredReport.to_dict`]) against a model: check shapes, or re-apply it.
+r"""The record of a structured pruning run ([`StructuredReport.to_dict`]) re-applied to a dense model.
 
 ```
 {"structure": {"mlp": 0.5, "heads": 0.5, "blocks": 1, "gqa": null}, "method": "sparsegpt", "head_mode": "query",
@@ -8,6 +8,7 @@ r"""The record of a structured pruning run ([`StructuredReport.to_dict`]) agains
 ```
 
 `layers` is keyed by the *original* block index; indices are into the dense block.
+[`~hfprune.checkpoints.structure.check_structure`] checks a model against it.
 """
 
 from __future__ import annotations
@@ -16,37 +17,9 @@ import torch
 from torch import nn
 
 from ..models.blocks import find_decoder_blocks
-from .groups import find_layout, head_groups, head_shape, mlp_groups, weight_view
+from ..models.layouts import find_layout, head_shape
+from .groups import head_groups, mlp_groups
 from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
-
-
-def check_record(model: nn.Module, record: dict) -> list[str]:
-    r"""Where a pruned `model` disagrees with `record`: block count, config fields, per-block MLP channels and heads.
-
-    Returns the disagreements as sentences; an empty list when the model matches.
-    """
-    problems = []
-    _, blocks = find_decoder_blocks(model)
-    layout = find_layout(blocks[0])
-    expected_blocks = record["num_blocks"] - len(record["removed_blocks"])
-    if len(blocks) != expected_blocks:
-        problems.append(f"{len(blocks)} decoder blocks, the record says {expected_blocks}")
-    for name, value in record.get("config", {}).items():
-        if getattr(model.config, name, None) != value:
-            problems.append(f"config.{name} is {getattr(model.config, name, None)}, the record says {value}")
-    kept = [i for i in range(record["num_blocks"]) if i not in set(record["removed_blocks"])]
-    head_dim = head_shape(model.config, layout)[2]
-    for block, original in zip(blocks, kept, strict=False):
-        entry = record["layers"].get(str(original), {})
-        channels = weight_view(block.get_submodule(layout.mlp_consumer)).shape[1]
-        if "mlp_channels" in entry and len(entry["mlp_channels"]) != channels:
-            problems.append(
-                f"block {original}: {channels} MLP channels, the record keeps {len(entry['mlp_channels'])}"
-            )
-        heads = weight_view(block.get_submodule(layout.o)).shape[1] // head_dim
-        if "heads" in entry and len(entry["heads"]) != heads:
-            problems.append(f"block {original}: {heads} attention heads, the record keeps {len(entry['heads'])}")
-    return problems
 
 
 def apply_record(model: nn.Module, record: dict) -> None:

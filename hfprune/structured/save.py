@@ -8,6 +8,7 @@ from torch import nn
 
 from ..checkpoints.record import write_record
 from ..config import PruningConfig
+from ..models.offload import offload_messages_silenced
 from ..utils.distributed import is_main_process
 from ..utils.files import atomic_directory
 from .driver import StructuredReport
@@ -38,7 +39,8 @@ def save_structured(
         return target
     info = dict(model_card_info or {})
     with atomic_directory(target, overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        with offload_messages_silenced():  # an offloaded model is written one shard at a time, as asked
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = write_record(tmp, config, {}, format="structured", structured=report.to_dict(), model_card=info)

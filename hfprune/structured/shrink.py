@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .groups import BlockLayout, CoupledGroups, head_shape, unit_index
+from ..models.layouts import BlockLayout, head_shape
+from .groups import CoupledGroups, unit_index
 
 
 # Per-layer config lists that lose the entries of removed blocks.

@@ -1,8 +1,9 @@
 r"""Sparse training: gradient-flow math, the per-model mask state, schedules, Trainer callbacks, [`PruningMixin`] and
 [`PruningTrainer`].
 
-May import: `hfprune.config`, `hfprune.models`, `hfprune.sparsity`, `hfprune.checkpoints` (to save), `hfprune.oneshot`
-(one-shot pruning before training). Nothing imports this package but the package root (lazily) and the CLI.
+May import: `hfprune.calibration`, `hfprune.config`, `hfprune.models`, `hfprune.sparsity`, `hfprune.checkpoints` (to
+save), `hfprune.oneshot` (one-shot pruning before training), `hfprune.utils`. Nothing imports this package but the
+package root, lazily.
 
 ```
 masking.py        W~ = W * (m + alpha (1 - m)), SR-STE and scaled gradients (pure)

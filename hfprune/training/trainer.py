@@ -13,11 +13,11 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
+from ..calibration.data import resolve_seq_len
 from ..checkpoints.compact import KEEP_MASKS_NAME, save_keep_masks
 from ..checkpoints.record import ModuleReport, write_record
 from ..config import PruningConfig
 from ..oneshot import prune
-from ..oneshot.calibration import resolve_seq_len
 from ..oneshot.methods import get_method
 from .callbacks import GradientFlowCallback
 from .distillation import IGNORE_INDEX, distillation_loss, next_token_labels, prepare_teacher

@@ -1,27 +1,65 @@
-r"""Files that are never seen half-written: atomic JSON and folders, checksums, and the list of weight files."""
+r"""Files that are never seen half-written: atomic files, JSON and folders, checksums, and the list of weight files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    r"""Writes JSON to `path` through a temporary file and a rename, so a reader never sees half a file.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    r"""Calls `write(tmp_path)` on a temporary file beside `path`, then renames it onto `path`.
+
+    Readers see either the old file or the complete new one, never a partial write. Returns the absolute path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give the normal permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> str:
+    r"""Writes `data` as strict JSON (non-finite floats become `null`), atomically.
 
     Keys keep their order (no `sort_keys`): the order of `sparsity_overrides` decides which entry matches first.
     """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    return write_text_atomic(path, json.dumps(finite_floats(data), indent=2, allow_nan=False) + "\n")
+
+
+def finite_floats(value: Any) -> Any:
+    r"""The same structure of dicts, lists and scalars with every non-finite float replaced by `None`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_floats(v) for v in value]
+    return value
 
 
 def read_json(file: str) -> dict | None:

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hfprune.calibration.statistics import HessianStatistic
 from hfprune.oneshot.methods import admm, sparsegpt
-from hfprune.oneshot.statistics import HessianStatistic
 from hfprune.sparsity import SparsityTarget, nm_violations
 
 

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hfprune import PruningConfig, prune
+from hfprune.calibration.capture import capture_block_inputs
 from hfprune.models import find_decoder_blocks
-from hfprune.oneshot.capture import capture_block_inputs
 
 
 SEQ_LEN, WINDOW = 32, 8  # the sliding window is shorter than the sequence, so sliding and full masks differ

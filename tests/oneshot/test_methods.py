@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from hfprune import PruningConfig
+from hfprune.calibration.statistics import HessianStatistic, InputNormStatistic
 from hfprune.oneshot.methods import METHODS, get_method, register_method
 from hfprune.oneshot.methods.wanda import input_norms
-from hfprune.oneshot.statistics import HessianStatistic, InputNormStatistic
 from hfprune.sparsity import SparsityTarget, nm_violations
 
 

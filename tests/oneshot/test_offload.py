@@ -88,20 +88,20 @@ def test_a_block_split_across_devices_is_refused(tiny_model, calibration_ids):
 def test_activations_on_disk_give_the_same_model(tiny_model, calibration_ids, tmp_path, monkeypatch):
     import tempfile
 
-    import hfprune.oneshot.capture
+    import hfprune.calibration.capture
 
     reference = tiny_model("llama")
     model = tiny_model("llama")
     model.load_state_dict(reference.state_dict())
     hfprune.prune(reference, CONFIG, calibration_ids, progress=False)
     folders = []
-    original = hfprune.oneshot.capture.DiskActivations.__init__
+    original = hfprune.calibration.capture.DiskActivations.__init__
 
     def spy(self, folder=None):
         original(self, folder)
         folders.append(self._folder)
 
-    monkeypatch.setattr(hfprune.oneshot.capture.DiskActivations, "__init__", spy)
+    monkeypatch.setattr(hfprune.calibration.capture.DiskActivations, "__init__", spy)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = PruningConfig(**{**CONFIG.to_dict(), "offload_activations": True})
     hfprune.prune(model, config, calibration_ids, progress=False)

@@ -14,17 +14,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hfprune import PruningConfig, prune, save_pruned
-from hfprune.cli import build_parser, main
-from hfprune.cli_prune import config_from_args
-from hfprune.oneshot.methods import METHODS, PruneResult, PruningMethod
-from hfprune.oneshot.refinement import RefinementInputs, prune_and_refine
-from hfprune.oneshot.statistics import (
+from hfprune.calibration.statistics import (
     STATISTIC_TYPES,
     HessianMomentsStatistic,
     HessianStatistic,
     InputNormMomentsStatistic,
     InputNormStatistic,
 )
+from hfprune.commands import build_parser, main
+from hfprune.commands.prune import config_from_args
+from hfprune.oneshot.methods import METHODS, PruneResult, PruningMethod
+from hfprune.oneshot.refinement import RefinementInputs, prune_and_refine
 from hfprune.sparsity import SparsityTarget, nm_violations
 
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hfprune import PruningConfig, prune
-from hfprune.cli import build_parser
-from hfprune.cli_prune import config_from_args
+from hfprune.commands import build_parser
+from hfprune.commands.prune import config_from_args
 from hfprune.models import find_decoder_blocks, weight_view
 from hfprune.sparsity import nm_violations
 

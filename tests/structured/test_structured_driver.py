@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hfprune.structured import apply_record, check_record, prune_structured, reinit_like
+from hfprune.checkpoints.structure import check_structure
+from hfprune.structured import apply_record, prune_structured, reinit_like
 
 
 torch.set_num_threads(1)
@@ -197,8 +198,8 @@ def test_record_reapplies_to_the_dense_model_and_checks_shapes(model_type, struc
     pruned = tiny(model_type)
     record = json.loads(json.dumps(prune(pruned, structure, "magnitude").to_dict()))
     dense = tiny(model_type)
-    problems = check_record(dense, record)
+    problems = check_structure(dense, record)
     assert problems and problems[0] == "3 decoder blocks, the record says 2"
     apply_record(dense, record)
-    assert check_record(dense, record) == [] and check_record(pruned, record) == []
+    assert check_structure(dense, record) == [] and check_structure(pruned, record) == []
     torch.testing.assert_close(logits(dense), logits(pruned), rtol=0, atol=0)  # magnitude: slices, no update

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hfprune.structured.groups import find_layout, mlp_groups, weight_view
+from hfprune.models.layouts import find_layout
+from hfprune.structured.groups import mlp_groups, weight_view
 from hfprune.structured.importance import (
     calibration_gradients,
     group_importance,

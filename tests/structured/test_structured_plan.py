@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hfprune.models.layouts import BLOCK_LAYOUTS
 from hfprune.structured import prune_structured
-from hfprune.structured.groups import BLOCK_LAYOUTS
 from hfprune.structured.plan import head_config_accepts, parse_structure, plan_structure
 
 

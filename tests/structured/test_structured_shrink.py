@@ -7,10 +7,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from hfprune.models.layouts import find_layout
 from hfprune.structured.groups import (
     CoupledGroups,
     Member,
-    find_layout,
     head_groups,
     mlp_groups,
     unit_index,

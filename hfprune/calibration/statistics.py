@@ -3,7 +3,7 @@ r"""Per-layer input statistics, accumulated over calibration batches in `ACCUMUL
 The one-shot driver uses the `*MomentsStatistic` variants ([`STATISTIC_TYPES`]): they accumulate what the method reads
 (`X X^T`, or `||X_j||^2`) and, in two extra rows of the same `sum` buffer, the per-input sum `sum_t x_tj` and the token
 count, which mask refinement (DSnoT) turns into `E[X_j]` and `Var[X_j]` ([`ColumnMoments`]). One buffer means one
-all-reduce ([`~hfprune.oneshot.distributed.Ranks.reduce_statistic`]) combines all of them across processes, and the
+all-reduce ([`~hfprune.calibration.distributed.Ranks.reduce_statistic`]) combines all of them across processes, and the
 count travels with the sums it divides. The extra work is `O(tokens * in)` per batch, nothing next to a block's
 forward pass.
 

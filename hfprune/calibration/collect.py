@@ -30,13 +30,17 @@ class StatisticCollector:
         self.stats: dict = {}
         self.tokens: dict[str, int] = {}
         self.leader_of: dict[str, str] = {}
+        self._statistic_type, self._device = statistic_type, device
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self._handles = [
-            module.register_forward_pre_hook(self._hook(name, module, statistic_type, device))
-            for name, module in targets.items()
+            module.register_forward_pre_hook(self._hook(name, module)) for name, module in targets.items()
         ]
 
-    def _hook(self, name, module, statistic_type, device):
+    def make(self, in_features: int):
+        r"""An empty statistic of the collector's type for `in_features` inputs."""
+        return self._statistic_type(in_features, self._device)
+
+    def _hook(self, name, module):
         def hook(_, args):
             x = args[0]
             if name not in self.leader_of:
@@ -47,7 +51,7 @@ class StatisticCollector:
             check_finite(x, name)
             self._seen[id(x)] = (x, name)
             if name not in self.stats:
-                self.stats[name] = statistic_type(in_features(module), device)
+                self.stats[name] = self.make(in_features(module))
             self.stats[name].update(x)
             self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
 

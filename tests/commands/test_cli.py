@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from hfprune.cli import main
+from hfprune.commands import main
 from hfprune.sparsity import nm_violations
 
 
@@ -180,16 +180,18 @@ def test_bfloat16_load(capsys, tmp_path, model_dir):
 
 
 def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path, model_dir, text_file, monkeypatch):
-    import hfprune.oneshot.driver
+    import warnings
+
+    import hfprune.calibration.context
 
     seen = []
-    original = hfprune.oneshot.driver.onloaded
+    original = hfprune.calibration.context.onloaded
 
     def spy(block, device, offload_folder=None, write_back=True):
         seen.append(block.mlp.down_proj.weight.device.type)  # where the block's weights are before it is pruned
         return original(block, device, offload_folder, write_back)
 
-    monkeypatch.setattr(hfprune.oneshot.driver, "onloaded", spy)
+    monkeypatch.setattr(hfprune.calibration.context, "onloaded", spy)
     common = (
         "--method",
         "wanda",
@@ -202,22 +204,23 @@ def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path,
         "--seq-len",
         32,
     )
-    assert run(capsys, "prune", model_dir, *common, "--output", tmp_path / "streamed", "--quiet")[0] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run(capsys, "prune", model_dir, *common, "--output", tmp_path / "streamed", "--quiet")
+    assert code == 0
     assert seen == ["meta", "meta"]  # every block stayed on disk until its turn
+    assert not [w for w in caught if "offload" in str(w.message)]
+    assert "meta device" not in err and "offloaded" not in err
+    assert out.count("\n") == 1 and out.startswith(f"saved to {tmp_path / 'streamed'}: wanda 2:4, sparsity 0.5000")
     seen.clear()
     assert (
         run(capsys, "prune", model_dir, *common, "--output", tmp_path / "in-memory", "--no-stream", "--quiet")[0] == 0
     )
     assert seen == ["cpu", "cpu"]
     in_memory = load_file(tmp_path / "in-memory" / "model.safetensors")
-    # streamed shards hold about one decoder block each: a shard is in memory while it is written
-    shards = sorted((tmp_path / "streamed").glob("*.safetensors"))
-    assert len(shards) > 2 and (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
-    block_bytes = sum(t.numel() * t.element_size() for k, t in in_memory.items() if k.startswith("model.layers.0."))
-    largest = max(t.numel() * t.element_size() for t in in_memory.values())
-    streamed = {k: v for shard in shards for k, v in load_file(shard).items()}
-    for shard in shards:
-        assert sum(t.numel() * t.element_size() for t in load_file(shard).values()) <= max(block_bytes, largest)
+    # a model that fits in memory is written in one file, streamed or not
+    assert sorted(p.name for p in (tmp_path / "streamed").glob("*.safetensors")) == ["model.safetensors"]
+    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
     assert sorted(os.listdir(tmp_path)) == [
@@ -226,6 +229,25 @@ def test_a_local_folder_streams_and_gives_the_in_memory_result(capsys, tmp_path,
         "streamed",
         "tiny-llama",
     ]  # no offload folder left
+
+
+def test_a_streamed_model_larger_than_memory_is_written_a_block_per_shard(capsys, tmp_path, model_dir, monkeypatch):
+    import hfprune.commands.prune
+
+    out_dir = tmp_path / "streamed"
+    argv = ("prune", model_dir, "--method", "magnitude", "--sparsity", "2:4", "--output", out_dir, "--quiet")
+    weights = load_file(model_dir / "model.safetensors")
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    monkeypatch.setattr(hfprune.commands.prune, "available_memory", lambda: total)  # the weights take all of it
+    assert run(capsys, *argv)[0] == 0
+    shards = sorted(out_dir.glob("*.safetensors"))
+    # a shard is in memory while it is written: each holds about one decoder block (or one larger tensor)
+    assert len(shards) > 2 and (out_dir / "model.safetensors.index.json").is_file()
+    block_bytes = sum(t.numel() * t.element_size() for k, t in weights.items() if k.startswith("model.layers.0."))
+    largest = max(t.numel() * t.element_size() for t in weights.values())
+    for shard in shards:
+        assert sum(t.numel() * t.element_size() for t in load_file(shard).values()) <= max(block_bytes, largest)
+    assert run(capsys, "verify", out_dir)[0] == 0
 
 
 def test_structure_gives_a_smaller_standard_model(capsys, tmp_path, model_dir, text_file):

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+
+from ..utils.sources import check_source, looks_local
 
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -29,21 +32,22 @@ def load_text(source: str | Sequence[str], split: str = "train", text_column: st
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("calibration texts must be strings.")
         return "\n\n".join(texts)
-    if os.path.isfile(source):
-        with open(source, encoding="utf-8", errors="replace") as f:
+    path = resolve_text_source(source)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     import datasets
 
-    if os.path.isdir(source):
-        data = datasets.load_from_disk(source)
+    if os.path.isdir(path):
+        data = datasets.load_from_disk(path)
     else:
         name, _, config_name = source.partition(":")
         try:
             data = datasets.load_dataset(name, config_name or None, split=split)
         except Exception as e:  # the datasets error names the dataset; say what was expected too
             raise ValueError(
-                f"calibration source {source!r} is not a file, a saved dataset folder, or a loadable dataset "
-                f"('name' or 'name:config'): {e}"
+                f"text source {source!r} is not a local file or saved dataset folder, and the Hub dataset {name!r} "
+                f"could not be loaded ({type(e).__name__}: {e})"
             ) from e
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
@@ -55,6 +59,23 @@ def load_text(source: str | Sequence[str], split: str = "train", text_column: st
     if column is None or column not in data.column_names:
         raise ValueError(f"dataset {source!r} has no text column; pass `text_column` (columns: {data.column_names}).")
     return "\n\n".join(data[column])
+
+
+def resolve_text_source(source: str, option: str | None = None) -> str:
+    r"""`source` as a local path when it is one, else the Hub dataset `"name"` or `"name:config"` unchanged.
+
+    A local-looking path that does not exist (`calib.txt`, `data/eval.txt`) raises a `FileNotFoundError` that names
+    it (and `option`, the command-line option that took it), at once and without any network access; so does a Hub
+    name while the Hub is switched off (see [`~hfprune.utils.sources`]).
+    """
+    if os.path.exists(os.path.expanduser(source)):
+        return os.path.expanduser(source)
+    what = "text file or dataset folder"
+    name = source.partition(":")[0]  # a Hub dataset may name its config after a colon
+    if looks_local(name):
+        check_source(source, what, option, file=True)  # raises: no such local path
+    check_source(name, what, option, file=True)  # raises while the Hub is switched off
+    return source
 
 
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:
@@ -110,9 +131,10 @@ def _describe(source) -> str:
     return repr(source) if isinstance(source, str) else f"({type(source).__name__})"
 
 
-def resolve_seq_len(model: nn.Module, requested: int | None) -> int:
-    r"""The calibration/evaluation length: `requested`, checked against the model's positions, or a default."""
-    cfg = getattr(model, "config", None)
+def resolve_seq_len(model: nn.Module | PretrainedConfig, requested: int | None) -> int:
+    r"""The calibration/evaluation length: `requested`, checked against the model's positions, or a default. The
+    model's config alone is enough (to check a length before the model loads)."""
+    cfg = getattr(model, "config", model)
     max_positions = None
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         max_positions = getattr(cfg, attr, None)

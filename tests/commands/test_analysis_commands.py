@@ -1,19 +1,15 @@
-import argparse
 import copy
 import json
 
 import pytest
 
 from hfprune import PruningConfig, prune, save_pruned
-from hfprune.analysis.commands import add_compare_parser, add_sensitivity_parser, add_task_arguments, cmd_eval_tasks
+from hfprune.commands import build_parser
+from hfprune.commands.common import CommandError
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="hfprune")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_compare_parser(sub)
-    add_sensitivity_parser(sub)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 @pytest.fixture
@@ -72,7 +68,7 @@ def test_compare_command_writes_the_report_and_json(folders, capsys):
 
 def test_compare_command_needs_an_output(folders):
     args = parse(["compare", str(folders / "dense"), str(folders / "pruned"), "--data", str(folders / "eval.txt")])
-    with pytest.raises(ValueError, match="--output"):
+    with pytest.raises(CommandError, match="--output"):
         args.func(args)
 
 
@@ -111,18 +107,6 @@ def test_sensitivity_command(folders, capsys):
 @pytest.mark.slow  # indexes every built-in lm-evaluation-harness task (about 15 s)
 def test_eval_tasks_command(folders, capsys, tmp_path):
     pytest.importorskip("lm_eval")
-    # The eval parser of hfprune with the task options added.
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--data")
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-windows", type=int)
-    parser.add_argument("--device")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    add_task_arguments(parser)
     # A tokenizer with an EOS token, and a two-question local task.
     from transformers import AutoTokenizer
 
@@ -138,16 +122,16 @@ def test_eval_tasks_command(folders, capsys, tmp_path):
         'doc_to_text: "{{q}}"\ndoc_to_choice: "{{c}}"\ndoc_to_target: "{{t}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
-    args = parser.parse_args(
-        [str(folders / "dense"), "--tasks", "hfprune_cli_qa", "--include-path", str(tmp_path / "tasks")]
+    args = parse(
+        ["eval", str(folders / "dense"), "--tasks", "hfprune_cli_qa", "--include-path", str(tmp_path / "tasks")]
         + ["--data", str(folders / "eval.txt"), "--seq-len", "32", "--device", "cpu", "--json", "--quiet"]
     )
-    assert cmd_eval_tasks(args) == 0
+    assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     # The same numbers as the library calls on the same model.
     from hfprune import perplexity
     from hfprune.analysis import evaluate_tasks
-    from hfprune.analysis.commands import load_model
+    from hfprune.commands.common import load_model
 
     model, tokenizer = load_model(str(folders / "dense"), device="cpu")
     expected = evaluate_tasks(
