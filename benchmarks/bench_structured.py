@@ -107,7 +107,7 @@ def run_kdoc(args, ids, tokenizer, log, rows: list, save) -> None:
         blocks_only = set(dict(item.split("=") for item in structure.split(","))) == {"blocks"}
         for method in ["magnitude"] if blocks_only else args.methods:  # blocks alone: the same model for all
             model = load(args.model)
-            report = prune_structured(model, structure, method, ids, num_calibration_samples=ids.shape[0],
+            report = prune_structured(model, structure, ids, method=method, num_calibration_samples=ids.shape[0],
                                       calibration_seq_len=ids.shape[1], device="cpu", progress=False)  # fmt: skip
             name = "any (angular distance)" if blocks_only else method
             row = {"method": name, "structure": structure, "params": count_params(model), "seconds": report.seconds}
@@ -217,7 +217,7 @@ def run_speed(args, log) -> dict:
     dense.save_pretrained(folders["dense"])
     for structure in SPEED_STRUCTURES:
         model = load(str(folders["dense"]))
-        prune_structured(model, structure, "magnitude", device="cpu", progress=False)
+        prune_structured(model, structure, method="magnitude", device="cpu", progress=False)
         folders[structure] = WORK_DIR / f"wide-{structure.replace('=', '').replace(',', '-')}"
         model.save_pretrained(folders[structure])
     del dense, model
@@ -314,7 +314,7 @@ def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
     rows.append(dense_row)
     log(f"recovery dense: ppl {dense_row['before']:.2f}")
     pruned = load(args.model)
-    prune_structured(pruned, "mlp=0.5", "sparsegpt", ids, num_calibration_samples=ids.shape[0],
+    prune_structured(pruned, "mlp=0.5", ids, method="sparsegpt", num_calibration_samples=ids.shape[0],
                      calibration_seq_len=ids.shape[1], device="cpu", progress=False)  # fmt: skip
     pruned_ppl = evaluate(pruned.eval(), tokenizer, args.model)
     torch.manual_seed(0)

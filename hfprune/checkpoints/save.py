@@ -128,7 +128,9 @@ def save_pruned(
         record = write_record(tmp, config, modules, format=format, model_card=dict(model_card_info or {}))
         create_model_card(record, model_card_info, path=target).save(os.path.join(tmp, "README.md"))
     if push_to_hub:
-        upload_checkpoint(target, push_to_hub, token=token, private=private)
+        # the weights were checked against their patterns before they were written, and the record holds the
+        # checksums of the files as written: upload them as they are, without reading the checkpoint back
+        upload_checkpoint(target, push_to_hub, token=token, private=private, check=False)
     return target
 
 
@@ -182,9 +184,9 @@ def push_to_hub(
         with tempfile.TemporaryDirectory() as tmp:
             config = save_kwargs.pop("config")
             folder = save_pruned(folder_or_model, os.path.join(tmp, repo_id.split("/")[-1]), config, **save_kwargs)
-            return push_to_hub(
+            return push_to_hub(  # `save_pruned` checked the patterns before it wrote the folder
                 folder, repo_id, token=token, private=private, commit_message=commit_message, revision=revision,
-                create_pr=create_pr, check=check, ignore_patterns=ignore_patterns,
+                create_pr=create_pr, check=False, ignore_patterns=ignore_patterns,
             )  # fmt: skip
     if save_kwargs:
         raise TypeError(f"unexpected arguments for a folder: {', '.join(save_kwargs)}.")

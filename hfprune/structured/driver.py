@@ -74,63 +74,74 @@ class StructuredReport:
 
 def prune_structured(
     model: nn.Module,
-    structure: dict | str | PruningConfig,
-    method: str | None = None,
+    config: PruningConfig | dict | str,
     calibration=None,
     tokenizer=None,
     *,
-    num_calibration_samples: int = 128,
+    method: str | None = None,
+    num_calibration_samples: int | None = None,
     calibration_seq_len: int | None = None,
-    batch_size: int = 8,
-    dampening: float = 0.01,
-    seed: int = 0,
+    batch_size: int | None = None,
+    dampening: float | None = None,
+    seed: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
-    reinit: bool = False,
+    reinit: bool | None = None,
 ) -> StructuredReport:
     r"""Removes attention heads, MLP channels and whole blocks from `model` in place, with a config to match.
 
     Args:
         model (`transformers.PreTrainedModel`): a causal LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, OPT,
             GPT-NeoX).
-        structure (`dict`, `str` or [`PruningConfig`]): e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}`; see
-            [`~hfprune.utils.checks.parse_structure`]. A `PruningConfig` with `structure` set supplies it and every
-            setting below (`method`, the calibration fields, `dampening`, `pruning_device`, `reinit`).
-        method (`str`): `"magnitude"`, `"wanda"`, `"taylor"` or `"sparsegpt"` (OBS removal with reconstruction).
-        calibration (*optional*): what [`~hfprune.calibration.data.calibration_windows`] reads: text file,
-            dataset, strings, or a `LongTensor` of ids `(samples, seq_len)`. Needed unless `method="magnitude"`
-            and no blocks are removed.
+        config ([`PruningConfig`], `dict` or `str`): a `PruningConfig` with `structure` set, which supplies the
+            structure and every setting below (`method`, the calibration fields, `dampening`, `pruning_device`,
+            `reinit`); or the structure alone, e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}` or
+            `"mlp=0.5,heads=0.25"` (see [`~hfprune.utils.checks.parse_structure`]), with `method=` given.
+        calibration (*optional*): what [`~hfprune.calibration.calibration_windows`] reads: text file, dataset,
+            strings, or a `LongTensor` of ids `(samples, seq_len)`. Needed unless `method="magnitude"` and no blocks
+            are removed.
         tokenizer (*optional*): to tokenize `calibration` text.
-        num_calibration_samples (`int`, *optional*, defaults to `128`): calibration windows.
-        calibration_seq_len (`int`, *optional*): tokens per window; by default the tensor's width or the model's.
-        batch_size (`int`, *optional*, defaults to `8`): windows per forward pass.
-        dampening (`float`, *optional*, defaults to `0.01`): OBS dampening, `λ = dampening · mean(diag H)`.
-        seed (`int`, *optional*, defaults to `0`): seed of the calibration windows and of `reinit`.
+        method (`str`, *optional*): `"magnitude"`, `"wanda"`, `"taylor"` or `"sparsegpt"` (OBS removal with
+            reconstruction); default the config's.
+        num_calibration_samples (`int`, *optional*): calibration windows (default the config's, or 128).
+        calibration_seq_len (`int`, *optional*): tokens per window; by default the config's, the tensor's width or
+            the model's.
+        batch_size (`int`, *optional*): windows per forward pass (default the config's, or 8).
+        dampening (`float`, *optional*): OBS dampening, `λ = dampening · mean(diag H)` (default the config's, or
+            0.01).
+        seed (`int`, *optional*): seed of the calibration windows and of `reinit` (default the config's, or 0).
         progress (`bool`, *optional*, defaults to `True`): show a progress bar over blocks.
-        device (`str` or `torch.device`, *optional*): where each block is calibrated; CUDA when available.
-        reinit (`bool`, *optional*, defaults to `False`): re-initialize every weight of the pruned architecture
-            afterwards ("Rethinking the Value of Network Pruning" baseline); see [`reinit_like`].
+        device (`str` or `torch.device`, *optional*): where each block is calibrated; default the config's
+            `pruning_device`, else CUDA when available.
+        reinit (`bool`, *optional*): re-initialize every weight of the pruned architecture afterwards ("Rethinking
+            the Value of Network Pruning" baseline; see [`reinit_like`]); default the config's, or `False`.
+
+    Settings given here override the config's.
 
     Returns:
         [`StructuredReport`]: kept indices per block, removed blocks, errors and the new config fields.
 
     Example:
         ```python
-        >>> from hfprune.structured import prune_structured
-        >>> report = prune_structured(model, {"mlp": 0.5, "heads": 0.25}, "sparsegpt", "calib.txt", tokenizer)
+        >>> config = PruningConfig(method="sparsegpt", structure="mlp=0.5,heads=0.25")
+        >>> report = prune_structured(model, config, "calib.txt", tokenizer)
         >>> model.save_pretrained("pruned")  # loads with plain AutoModelForCausalLM.from_pretrained
         ```
     """
-    if isinstance(structure, PruningConfig):
-        config = structure
-        if config.structure is None:
-            raise ValueError("the `PruningConfig` has no `structure`; set e.g. `structure='mlp=0.5'`.")
-        return prune_structured(
-            model, config.structure, method or config.method, calibration, tokenizer,
-            num_calibration_samples=config.num_calibration_samples, calibration_seq_len=config.calibration_seq_len,
-            batch_size=config.calibration_batch_size, dampening=config.dampening, seed=config.calibration_seed,
-            progress=progress, device=device or config.pruning_device, reinit=reinit or config.reinit,
-        )  # fmt: skip
+    if not isinstance(config, PruningConfig):
+        config = PruningConfig(structure=parse_structure(config), method=method)
+    if config.structure is None:
+        raise ValueError("the `PruningConfig` has no `structure`; set e.g. `structure='mlp=0.5'`.")
+
+    def pick(value, default):
+        return default if value is None else value
+
+    structure, method = config.structure, pick(method, config.method)
+    num_calibration_samples = pick(num_calibration_samples, config.num_calibration_samples)
+    calibration_seq_len = pick(calibration_seq_len, config.calibration_seq_len)
+    batch_size, dampening = pick(batch_size, config.calibration_batch_size), pick(dampening, config.dampening)
+    seed, reinit = pick(seed, config.calibration_seed), pick(reinit, config.reinit)
+    device = pick(device, config.pruning_device)
     if method not in IMPORTANCE_METHODS:
         raise ValueError(f"`method`={method!r} is not a structured method; use one of {IMPORTANCE_METHODS}.")
     start = time.perf_counter()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hfprune import PruningConfig
 from hfprune.checkpoints.structure import check_structure
 from hfprune.structured import apply_record, prune_structured, reinit_like
 
@@ -54,8 +55,8 @@ def prune(model, structure, method, **kwargs):
     return prune_structured(
         model,
         structure,
-        method,
         calibration(),
+        method=method,
         num_calibration_samples=16,
         batch_size=4,
         progress=False,
@@ -178,10 +179,24 @@ def test_reinit_gives_the_same_architecture_with_fresh_weights(tmp_path):
 
 
 def test_bad_calls():
-    with pytest.raises(ValueError, match="not a structured method; use one of"):
-        prune_structured(tiny("llama"), {"mlp": 0.5}, "movement")
+    with pytest.raises(ValueError, match="'movement' is unknown for `structure`; choose one of"):
+        prune_structured(tiny("llama"), {"mlp": 0.5}, method="movement")
     with pytest.raises(ValueError, match="needs calibration data"):
-        prune_structured(tiny("llama"), {"mlp": 0.5}, "wanda", progress=False)
+        prune_structured(tiny("llama"), {"mlp": 0.5}, method="wanda", progress=False)
+    with pytest.raises(ValueError, match="has no `structure`"):
+        prune_structured(tiny("llama"), PruningConfig(method="wanda"))
+
+
+def test_a_config_gives_every_setting_and_keywords_override_it():
+    config = PruningConfig(method="sparsegpt", structure="mlp=0.5", num_calibration_samples=16)
+    config.calibration_batch_size = 4
+    a, b = tiny("llama"), tiny("llama")
+    ids = calibration()
+    report = prune_structured(a, config, ids, progress=False, device="cpu")  # as `prune(model, config, ...)`
+    assert report.method == "sparsegpt" and report.structure["mlp"] == 0.5
+    expected = prune(b, {"mlp": 0.5}, "sparsegpt")
+    assert report.layers == expected.layers
+    assert prune_structured(tiny("llama"), config, ids, method="magnitude", progress=False).method == "magnitude"
     with pytest.raises(ValueError, match="ties the head size"):
         prune(tiny("gpt2"), {"heads": 0.5}, "magnitude")
 

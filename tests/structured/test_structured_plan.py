@@ -110,7 +110,7 @@ def test_unknown_architecture_names_the_module():
     )
     model = AutoModelForCausalLM.from_config(moe)
     with pytest.raises(ValueError, match=r"does not know how to shrink model\.layers\.0 \(MixtralDecoderLayer"):
-        prune_structured(model, {"mlp": 0.5}, "magnitude", progress=False)
+        prune_structured(model, {"mlp": 0.5}, method="magnitude", progress=False)
 
 
 def test_multi_head_attention_removes_heads_with_their_kv_heads():

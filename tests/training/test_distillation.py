@@ -162,7 +162,7 @@ def kl_logs(trainer):
 def test_student_learns_the_teacher_and_the_teacher_stays_frozen(tiny_model, data, tmp_path):
     teacher = tiny_model("llama", initializer_range=0.1).train()  # peaked logits; the trainer puts it in eval mode
     student = copy.deepcopy(teacher)
-    hfprune.prune_structured(student, "mlp=0.5,heads=0.5", "magnitude", device="cpu", progress=False)
+    hfprune.prune_structured(student, "mlp=0.5,heads=0.5", method="magnitude", device="cpu", progress=False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer = PruningTrainer(
         student.train(), training_args(tmp_path), train_dataset=data, pruning_config=None, teacher_model=teacher
@@ -222,7 +222,7 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_model, data, tmp_pat
 def test_structured_student_trains_and_saves_a_plain_model(tiny_model, data, tmp_path):
     dense = tiny_model("llama")
     student = copy.deepcopy(dense)
-    hfprune.prune_structured(student, "mlp=0.5", "magnitude", device="cpu", progress=False)
+    hfprune.prune_structured(student, "mlp=0.5", method="magnitude", device="cpu", progress=False)
     assert student.config.intermediate_size == 64
     trainer = PruningTrainer(
         student.train(), training_args(tmp_path, max_steps=4), train_dataset=data, teacher_model=dense
