@@ -261,6 +261,14 @@ class PruningConfig(PushToHubMixin):
     schedule_frequency: int = field(
         default=100, metadata={"help": "Cubic schedule: recompute the mask every N steps."}
     )
+    sam_rho: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sharpness-aware minimization radius rho (Foret et al. 2021) for PruningTrainer: the optimizer "
+            "steps with each micro-batch's gradient taken at w + rho * g / ||g|| (g: its gradient at w; pruned "
+            "weights are not perturbed), two forward/backward passes per micro-batch. 0 turns it off."
+        },
+    )
     hfprune_version: str | None = field(
         default=None, metadata={"help": "hfprune version that wrote this config (set automatically)."}
     )
@@ -378,6 +386,8 @@ class PruningConfig(PushToHubMixin):
             raise ValueError(f"`decay_end_fraction` must be in (0, 1], got {self.decay_end_fraction}.")
         if self.srste_decay < 0:
             raise ValueError(f"`srste_decay` must be >= 0, got {self.srste_decay}.")
+        if not self.sam_rho >= 0:
+            raise ValueError(f"`sam_rho` must be >= 0, got {self.sam_rho}.")
         if self.sdgf_geometric_k < 1 or self.sdgf_geometric_k & (self.sdgf_geometric_k - 1):
             raise ValueError(f"`sdgf_geometric_k` must be a power of two >= 1, got {self.sdgf_geometric_k}.")
         for name in ("dense_fraction", "finetune_fraction", "schedule_initial_sparsity"):

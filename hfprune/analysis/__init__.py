@@ -9,6 +9,9 @@ functions that need them.
 compare.py      a dense and a pruned model on the same windows: block similarity, loss increases, damaged windows
 report.py       the comparison's report: dataclasses, report.md and report.json
 similarity.py   linear CKA and token cosine similarity (pure)
+landscape.py    linear mode connectivity of two solutions (mc), output CKA, the three-regime label
+geometry.py     per-token last-layer geometry: angle to the target's embedding, norm, margin, top-1 flips
+corruptions.py  seeded text and token-id corruptions (character swaps and drops, case, token dropout)
 sensitivity.py  one block or module kind pruned at a time: the perplexity increase, suggested overrides
 lm_eval.py      lm-evaluation-harness tasks on a model in memory, checked before it loads
 plots.py        the PNG plots (matplotlib)

@@ -13,6 +13,7 @@ targets.py        the masked weights by plain name, through torch.compile and PE
 gradient_flow.py  GradientFlow: the masks of a whole model through the optimizer steps
 state.py          the pruning state in each Trainer checkpoint (bit-packed masks)
 evaluation.py     saved_weights: evaluate the weights a save writes, then restore the training state
+sam.py            sharpness-aware minimization: the ascent step on the kept weights (pure), its Trainer step
 callbacks.py      GradientFlowCallback: Trainer events -> GradientFlow
 distillation.py   logit KL to a teacher, chunked over tokens (pure), and the frozen teacher's set-up
 trainer.py        PruningMixin (any Trainer subclass, e.g. TRL's SFTTrainer), PruningTrainer

@@ -23,6 +23,7 @@ from .callbacks import GradientFlowCallback
 from .distillation import IGNORE_INDEX, distillation_loss, next_token_labels, prepare_teacher
 from .evaluation import saved_weights
 from .gradient_flow import GradientFlow
+from .sam import SharpnessAwareMixin
 from .schedules import phase_boundaries
 from .targets import is_peft_model
 
@@ -38,7 +39,7 @@ SHARDING_UNSUPPORTED = (
 PRUNING_TAGS = ["hfprune", "sparse"]
 
 
-class PruningMixin:
+class PruningMixin(SharpnessAwareMixin):
     r"""Makes any [`~transformers.Trainer`] subclass train a sparse model: `class SparseSFT(PruningMixin, SFTTrainer)`.
 
     Put it first among the bases, so that its methods wrap those of the trainer. [`PruningTrainer`] is
