@@ -2,6 +2,7 @@ r"""`hfprune.verify(folder)` and `hfprune verify folder` give the same answer on
 broken: the command prints the library's `VerificationResult.to_dict()` and exits 0 exactly when it is ok."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,21 +36,21 @@ def break_a_weight(folder):
     tell."""
     from hfprune.utils.files import file_info
 
-    record_file = f"{folder}/pruning_config.json"
-    record = json.loads(open(record_file).read())
+    record_file = Path(folder) / "pruning_config.json"
+    record = json.loads(record_file.read_text())
     weights = load_file(f"{folder}/model.safetensors")
     weights["model.layers.0.mlp.up_proj.weight"] = torch.ones_like(weights["model.layers.0.mlp.up_proj.weight"])
     save_file(weights, f"{folder}/model.safetensors", metadata={"format": "pt"})
     record["files"]["model.safetensors"] = file_info(f"{folder}/model.safetensors")
-    open(record_file, "w").write(json.dumps(record))
+    record_file.write_text(json.dumps(record))
 
 
 def shrink_the_record(folder):
     r"""A structured record that keeps more MLP channels in block 0 than the weights have."""
-    record_file = f"{folder}/pruning_config.json"
-    record = json.loads(open(record_file).read())
+    record_file = Path(folder) / "pruning_config.json"
+    record = json.loads(record_file.read_text())
     record["structured"]["layers"]["0"]["mlp_channels"] = list(range(100))
-    open(record_file, "w").write(json.dumps(record))
+    record_file.write_text(json.dumps(record))
 
 
 def truncate_weights(folder):
