@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 import hfprune
 from hfprune import PruningConfig, PruningTrainer
 from hfprune.calibration.data import load_text, tokenize_text
+from hfprune.training.distillation import DistillationArguments
 
 
 RECIPE = "recipes/demo-model/sparsegpt_mlp50_distill.yaml"
@@ -36,13 +37,6 @@ class ModelArguments:
     calibration_file: str = field(metadata={"help": "Calibration text of the structured pruning."})
     eval_file: str = field(metadata={"help": "Held-out text for perplexity (256-token windows)."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per training window."})
-
-
-@dataclass
-class DistillationArguments:  # the distillation keyword arguments of PruningTrainer
-    distillation_temperature: float = field(default=1.0, metadata={"help": "T of the KL (Minitron: 1)."})
-    distillation_alpha: float = field(default=1.0, metadata={"help": "Weight of T^2 KL(teacher || student)."})
-    distillation_lm_alpha: float = field(default=0.0, metadata={"help": "Weight of the LM loss (Minitron: 0)."})
 
 
 def main() -> None:

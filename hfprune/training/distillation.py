@@ -29,6 +29,8 @@ teacher (N, V) ─┘                                         ├─► KL sum  
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,16 @@ from torch import nn
 ACCUMULATION_DTYPE = torch.float32  # log-softmax and the KL sum, whatever the dtype of the logits
 IGNORE_INDEX = -100  # labels that are no prediction target (padding, prompts), as in `transformers`
 REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class DistillationArguments:
+    r"""The distillation keywords of [`~hfprune.PruningTrainer`] as fields, for recipes parsed with
+    `HfArgumentParser` (`PruningTrainer(..., teacher_model=dense, **dataclasses.asdict(arguments))`)."""
+
+    distillation_temperature: float = field(default=1.0, metadata={"help": "T of the KL (Minitron: 1)."})
+    distillation_alpha: float = field(default=1.0, metadata={"help": "Weight of T^2 KL(teacher || student)."})
+    distillation_lm_alpha: float = field(default=0.0, metadata={"help": "Weight of the LM loss (Minitron: 0)."})
 
 
 def distillation_loss(
