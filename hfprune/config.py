@@ -71,7 +71,10 @@ class PruningConfig(PushToHubMixin):
         metadata={
             "help": "Structured pruning instead of sparsity: remove whole parts, e.g. 'mlp=0.5,heads=0.25,blocks=1' "
             "(fractions of MLP channels and attention heads removed from every block, and a number of blocks; "
-            "'gqa=query|kv' chooses how grouped-query heads go). The result is a smaller standard model."
+            "'gqa=query|kv' chooses how grouped-query heads go). On mixture-of-experts models 'experts=0.25' removes "
+            "that fraction of every block's experts, ranked by 'expert_criterion=reap|frequency' (default reap), and "
+            "'mlp' narrows every expert. 'hidden=0.25' removes that fraction of the residual-stream channels from the "
+            "whole model (needs calibration data). The result is a smaller standard model."
         },
     )
     reinit: bool = field(

@@ -8,14 +8,15 @@ May import: `hfprune.models`, `hfprune.sparsity`, `hfprune.utils`, torch and tra
 data.py         text sources -> token ids and windows; the sequence length
 capture.py      what each decoder block is called with in a real forward pass, and replaying it (BlockInputs)
 statistics.py   Hessians and input norms (with column moments), accumulated in float32
-collect.py      forward pre-hooks that fill one statistic per distinct input; per-expert statistics of fused experts
+collect.py      forward pre-hooks that fill one statistic per distinct input; per-expert statistics and routing
+                statistics of fused experts
 distributed.py  Ranks: this process's windows and work units, the all-reduces and broadcasts
 context.py      CalibrationRun: the run context (blocks, device, ranks, offload folder) and one calibration pass
 ```
 """
 
 from .capture import BlockInputs, capture_block_inputs, run_block
-from .collect import ExpertCollector, StatisticCollector
+from .collect import ExpertCollector, ExpertRoutingCollector, StatisticCollector
 from .context import CalibrationRun, default_device
 from .data import calibration_windows, load_text, resolve_seq_len, tokenize_text
 from .distributed import Ranks
@@ -35,6 +36,7 @@ __all__ = [
     "CalibrationRun",
     "ColumnMoments",
     "ExpertCollector",
+    "ExpertRoutingCollector",
     "HessianMomentsStatistic",
     "HessianStatistic",
     "InputNormMomentsStatistic",

@@ -1,4 +1,5 @@
-r"""A structured checkpoint against its record: block count, config fields, and every block's MLP and head widths.
+r"""A structured checkpoint against its record: block count, config fields, and every block's MLP and head widths
+(and with a mixture of experts, every block's expert count, router rows and expert widths).
 
 The record is `pruning_config.json["structured"]` (see [`~hfprune.structured.record`]), keyed by original block.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..models import find_decoder_blocks, weight_view
-from ..models.layouts import find_layout, head_shape
+from ..models.layouts import BlockLayout, find_layout, head_shape, mlp_width
+from ..models.moe import expert_shape, moe_parts
 
 
 def check_structure(model: nn.Module, record: dict) -> list[str]:
-    r"""Where a pruned `model` disagrees with `record`: block count, config fields, per-block MLP channels and heads.
+    r"""Where a pruned `model` disagrees with `record`: block count, config fields, per-block MLP channels, heads and
+    residual channels.
 
     Returns the disagreements as sentences; an empty list when the model matches.
     """
@@ -29,7 +32,7 @@ def check_structure(model: nn.Module, record: dict) -> list[str]:
     head_dim = head_shape(model.config, layout)[2]
     for block, original in zip(blocks, kept, strict=False):
         entry = record["layers"].get(str(original), {})
-        channels = weight_view(block.get_submodule(layout.mlp_consumer)).shape[1]
+        channels = mlp_width(block, layout)
         if "mlp_channels" in entry and len(entry["mlp_channels"]) != channels:
             problems.append(
                 f"block {original}: {channels} MLP channels, the record keeps {len(entry['mlp_channels'])}"
@@ -37,4 +40,24 @@ def check_structure(model: nn.Module, record: dict) -> list[str]:
         heads = weight_view(block.get_submodule(layout.o)).shape[1] // head_dim
         if "heads" in entry and len(entry["heads"]) != heads:
             problems.append(f"block {original}: {heads} attention heads, the record keeps {len(entry['heads'])}")
+        residual = weight_view(block.get_submodule(layout.o)).shape[0]  # rows the attention writes to the stream
+        if record.get("hidden_channels") and len(record["hidden_channels"]) != residual:
+            kept_channels = len(record["hidden_channels"])
+            problems.append(f"block {original}: {residual} residual channels, the record keeps {kept_channels}")
+        if layout.moe is not None:
+            problems += _expert_problems(block, layout, entry, original)
+    return problems
+
+
+def _expert_problems(block: nn.Module, layout: BlockLayout, entry: dict, original: int) -> list[str]:
+    router, experts = moe_parts(block, layout.moe)
+    count, width = expert_shape(experts)
+    problems = []
+    if router.weight.shape[0] != count:
+        problems.append(f"block {original}: the router scores {router.weight.shape[0]} experts, the block has {count}")
+    if "experts" in entry and len(entry["experts"]) != count:
+        problems.append(f"block {original}: {count} experts, the record keeps {len(entry['experts'])}")
+    kept = {len(channels) for channels in entry.get("expert_channels", [])}
+    if kept and kept != {width}:
+        problems.append(f"block {original}: {width} channels per expert, the record keeps {sorted(kept)}")
     return problems

@@ -189,7 +189,15 @@ def _check_inputs(args: argparse.Namespace, config: PruningConfig) -> _Checked:
             "the folder with `huggingface-cli upload` if you want it on the Hub."
         )
     source = model_source(args.model)
-    calibrated = config.method != "magnitude" or (config.structure or {}).get("blocks")
+    structure = config.structure or {}
+    if structure.get("experts") and not args.calibration:  # REAP and frequency both route calibration tokens
+        raise CommandError(
+            f"--structure experts={structure['experts']} ranks experts on calibration tokens and needs --calibration "
+            "(a text file, a saved dataset folder or a dataset name)."
+        )
+    if structure.get("hidden") and not args.calibration:
+        raise CommandError("--structure hidden needs --calibration: every criterion rescales the norms on its tokens.")
+    calibrated = config.method != "magnitude" or structure.get("blocks")
     if calibrated and not args.calibration:
         raise CommandError(
             f"--method {config.method} needs --calibration (a text file, a saved dataset folder or a dataset name)."

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .moe import MOE_LAYOUTS, MoeLayout, expert_shape
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -31,6 +33,8 @@ class BlockLayout:
         head_dim_in_config (`bool`): whether the modeling code reads `head_dim` from the config. When it computes
             `hidden_size // num_attention_heads` instead (GPT-2, OPT, GPT-NeoX), removing heads changes the head
             size, so no standard config can describe the result.
+        moe ([`~hfprune.models.moe.MoeLayout`], *optional*): a mixture-of-experts MLP: `mlp_consumer` is then the
+            fused experts module and `mlp_field` every expert's intermediate size.
     """
 
     name: str
@@ -45,6 +49,7 @@ class BlockLayout:
     interleaved_qkv: bool = False
     mlp_field: str = "intermediate_size"
     head_dim_in_config: bool = True
+    moe: MoeLayout | None = None
 
     def paths(self) -> tuple[str, ...]:
         attention = (self.qkv,) if self.qkv is not None else (self.q, self.k, self.v)
@@ -107,19 +112,48 @@ BLOCK_LAYOUTS = (
 )
 
 
+# Mixture-of-experts blocks: Llama-style attention, and the fused experts as the MLP (`paths()[0]` is the experts).
+MOE_BLOCK_LAYOUTS = tuple(
+    BlockLayout(
+        moe.name,
+        (),
+        moe.experts,
+        "self_attn.o_proj",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        mlp_field=moe.intermediate_field,
+        moe=moe,
+    )
+    for moe in MOE_LAYOUTS
+)
+
+
 def find_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     r"""The [`BlockLayout`] of `block`; a `ValueError` naming the block's class when no known layout fits."""
     names = dict(block.named_modules())
     for layout in BLOCK_LAYOUTS:
         if all(isinstance(names.get(path), (nn.Linear, Conv1D)) for path in layout.paths()):
             return layout
+    for layout in MOE_BLOCK_LAYOUTS:
+        if layout.moe.matches(names) and all(isinstance(names.get(p), nn.Linear) for p in layout.paths()[1:]):
+            return layout
     children = ", ".join(f"{n} ({type(m).__name__})" for n, m in block.named_children())
     raise ValueError(
         f"structured pruning does not know how to shrink {where} ({type(block).__name__}, children: {children}). "
         "Known layouts: "
         + "; ".join(f"{layout.name}: {', '.join(layout.paths())}" for layout in BLOCK_LAYOUTS)
-        + ". Mixture-of-experts and other MLP or attention layouts are not supported."
+        + f". Mixture-of-experts families: {', '.join(moe.name for moe in MOE_LAYOUTS)}. Other MLP or attention "
+        "layouts are not supported."
     )
+
+
+def mlp_width(block: nn.Module, layout: BlockLayout) -> int:
+    r"""The MLP width of `block`: its intermediate channels, or every expert's with a mixture of experts."""
+    consumer = block.get_submodule(layout.mlp_consumer)
+    if layout.moe is not None:
+        return expert_shape(consumer)[1]
+    return consumer.weight.shape[1] if isinstance(consumer, nn.Linear) else consumer.weight.shape[0]
 
 
 def head_shape(config, layout: BlockLayout) -> tuple[int, int, int]:

@@ -1,5 +1,5 @@
-r"""Structured pruning: remove attention heads, MLP channels and whole decoder blocks, and save a standard, smaller
-dense model that plain `AutoModelForCausalLM.from_pretrained` loads.
+r"""Structured pruning: remove attention heads, MLP channels, whole decoder blocks and residual-stream (hidden)
+channels, and save a standard, smaller dense model that plain `AutoModelForCausalLM.from_pretrained` loads.
 
 May import: `hfprune.calibration` (block input capture, statistics, calibration data), `hfprune.checkpoints`,
 `hfprune.config`, `hfprune.models`, `hfprune.utils`. Never `hfprune.oneshot`, `hfprune.training` or
@@ -14,11 +14,20 @@ importance.py   magnitude / wanda / taylor scores per unit (pure), and the calib
 obs.py          OBS removal of column groups with reconstruction of the layer's output (pure)
 driver.py       prune_structured(): block by block, like one-shot pruning; reinit_like()
 record.py       apply_record(): a saved record re-applied to the dense model (`hfprune.verify` checks one)
+experts.py      `experts`: REAP / frequency saliency of mixture-of-experts experts, removing them with their router rows
+expert_channels.py  `mlp` on mixture-of-experts blocks: every expert narrowed to one width, each on its routed tokens
+residual.py     `hidden`: where the residual stream lives in each architecture, and which hidden sizes fit its config
+residual_importance.py  channel scores (Minitron activations, OBS costs), norm rescaling, reader reconstruction (pure)
+residual_shrink.py      slicing the whole model's residual stream (Gemma's embedding scale included)
+hidden.py       prune_hidden(): the calibration passes that choose the channels and reconstruct the readers
 ```
 """
 
 from .driver import StructuredReport, block_angular_distances, prune_structured, reinit_like
+from .expert_channels import shrink_expert_channels
+from .experts import expert_scores, remove_experts
 from .groups import CoupledGroups, Member, head_groups, mlp_groups
+from .hidden import prune_hidden
 from .importance import (
     IMPORTANCE_METHODS,
     calibration_gradients,
@@ -31,6 +40,8 @@ from .importance import (
 from .obs import ObsResult, obs_remove_units
 from .plan import StructurePlan, parse_structure, plan_for_model, plan_structure
 from .record import apply_record
+from .residual import ResidualStream, find_residual_stream
+from .residual_shrink import shrink_residual
 from .save import save_structured
 from .shrink import apply_config, remove_blocks, shrink_groups, shrink_module
 
@@ -40,12 +51,15 @@ __all__ = [
     "CoupledGroups",
     "Member",
     "ObsResult",
+    "ResidualStream",
     "StructurePlan",
     "StructuredReport",
     "apply_config",
     "apply_record",
     "block_angular_distances",
     "calibration_gradients",
+    "expert_scores",
+    "find_residual_stream",
     "group_importance",
     "head_groups",
     "keep_units_from_scores",
@@ -55,12 +69,16 @@ __all__ = [
     "parse_structure",
     "plan_for_model",
     "plan_structure",
+    "prune_hidden",
     "prune_structured",
     "reinit_like",
     "remove_blocks",
+    "remove_experts",
     "save_structured",
+    "shrink_expert_channels",
     "shrink_groups",
     "shrink_module",
+    "shrink_residual",
     "taylor_importance",
     "wanda_importance",
 ]

@@ -1,11 +1,15 @@
-r"""Structured pruning of a causal LM, block by block: fewer heads, MLP channels and blocks, in a standard config.
+r"""Structured pruning of a causal LM, block by block: fewer heads, MLP channels, experts and blocks, in a standard
+config.
 
 ```
 tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [block L-1]
  pass 1 (blocks > 0):   angular distance between each dense block's input and output (ShortGPT); drop the lowest
  pass 2, each block:    heads: collect statistics ─► score or OBS ─► shrink q/k/v/o
+                        experts (MoE): route the calibration tokens ─► REAP or frequency ─► drop router rows, experts
                         mlp:   collect statistics on the head-pruned block ─► score or OBS ─► shrink gate/up/down
+                               (MoE: the same in every kept expert, on the tokens routed to it)
                         run the shrunken block ─► inputs of the next block
+ then (hidden > 0):     residual channels of the whole model (see `hidden.py`)
 ```
 
 `magnitude` and `taylor` need no per-block statistics (`taylor` runs one backward pass over the whole model first).
@@ -30,10 +34,14 @@ from ..calibration import (
 from ..config import PruningConfig
 from ..models.layouts import BlockLayout
 from ..models.offload import is_offloaded, onloaded
+from .expert_channels import expert_gradient_targets, expert_gradients, prune_block_expert_channels
+from .experts import prune_block_experts
 from .groups import CoupledGroups, head_groups, mlp_groups, weight_view
+from .hidden import prune_hidden
 from .importance import IMPORTANCE_METHODS, calibration_gradients, group_importance, keep_units_from_scores
 from .obs import obs_remove_units
 from .plan import StructurePlan, parse_structure, plan_for_model
+from .residual import hidden_config_fields
 from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
 
 
@@ -49,8 +57,10 @@ class StructuredReport:
         removed_blocks (`list[int]`): original indices of the removed blocks.
         block_distances (`list[float]`): the angular distance of every original block (when blocks were removed).
         layers (`dict[int, dict]`): by *original* block index, the kept `mlp_channels`, `heads` and `kv_heads`
-            (indices into the dense block).
+            (indices into the dense block), or a mixture of experts' `experts` (see [`~hfprune.structured.record`]).
         errors (`dict[str, float]`): OBS output error per `"<block>.<part>"` (`sparsegpt`).
+        hidden_channels (`list[int]`): the kept residual channels when `hidden` removed some.
+        hidden_norm_scales (`dict[str, float]`): the factor each norm's scale got then, by the norm's path.
         config (`dict`): the config fields after pruning.
         seconds (`float`): wall time.
     """
@@ -63,6 +73,8 @@ class StructuredReport:
     block_distances: list[float] = field(default_factory=list)
     layers: dict[int, dict] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
+    hidden_channels: list[int] = field(default_factory=list)
+    hidden_norm_scales: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -88,11 +100,11 @@ def prune_structured(
     device: str | torch.device | None = None,
     reinit: bool | None = None,
 ) -> StructuredReport:
-    r"""Removes attention heads, MLP channels and whole blocks from `model` in place, with a config to match.
+    r"""Removes heads, MLP channels, blocks and hidden channels from `model` in place, with a config to match.
 
     Args:
         model (`transformers.PreTrainedModel`): a causal LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, OPT,
-            GPT-NeoX).
+            GPT-NeoX; mixture-of-experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, whose experts `experts` removes).
         config ([`PruningConfig`], `dict` or `str`): a `PruningConfig` with `structure` set, which supplies the
             structure and every setting below (`method`, the calibration fields, `dampening`, `pruning_device`,
             `reinit`); or the structure alone, e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}` or
@@ -157,8 +169,8 @@ def prune_structured(
     report = StructuredReport(parsed, method, plan.head_mode, len(blocks))
 
     tokens = None
-    calibrated = method in ("wanda", "sparsegpt") and (plan.mlp_remove or plan.heads_remove)
-    if calibrated or plan.blocks_remove or method == "taylor":
+    calibrated = method in ("wanda", "sparsegpt") and (plan.mlp_remove or plan.heads_remove) or plan.experts_remove
+    if calibrated or plan.blocks_remove or method == "taylor" or plan.hidden_remove:
         if calibration is None:
             raise ValueError(f"`method`={method!r} with this structure needs calibration data; pass `calibration=`.")
         # every process calibrates on all the windows (structured pruning is not split over ranks)
@@ -178,20 +190,26 @@ def prune_structured(
         grads = None
         if method == "taylor" and (plan.mlp_remove or plan.heads_remove):
             modules = [m.module for b in run.blocks for g in _groups(b, layout, model.config, plan) for m in g.members]
-            grads = calibration_gradients(model, tokens, modules, batch_size)
+            experts = expert_gradient_targets(run.blocks, layout) if plan.mlp_remove else []
+            grads = calibration_gradients(model, tokens, modules + experts, batch_size)
+            grads.update(expert_gradients(grads, experts))
         with torch.no_grad():
-            if plan.mlp_remove or plan.heads_remove:
+            if plan.mlp_remove or plan.heads_remove or plan.experts_remove:
                 inputs = run.capture(tokens, batch_size) if calibrated else None
                 job = _Run(run, layout, model.config, plan, method, dampening, inputs, grads, report)
                 for index, block in run.each_block(f"structured {method}"):
                     with run.onloaded(block):  # and back home after
                         _prune_block(job, index, kept[index], block)
             apply_config(model, run.blocks, layout, plan.head_mode)
+        if plan.hidden_remove:  # last, on the residual stream the other axes left
+            prune_hidden(run, plan.hidden_remove, method, tokens, report, batch_size, dampening)
     finally:
         model.train(was_training)
     if reinit:
         model.load_state_dict(reinit_like(model, seed=seed).state_dict())
     report.config = _config_fields(model.config, layout)
+    if report.hidden_channels:
+        report.config.update(hidden_config_fields(model.config))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -254,7 +272,8 @@ def _prune_block(run: _Run, index: int, original: int, block: nn.Module) -> None
     record = report.layers.setdefault(original, {})
     for groups in _groups(block, layout, run.config, plan):
         num_remove = plan.units_remove if groups.kind == "heads" else plan.mlp_remove
-        stats = _collect(run.calibration, block, index, groups, method, inputs) if inputs is not None else {}
+        scored = inputs is not None and method in ("wanda", "sparsegpt")
+        stats = _collect(run.calibration, block, index, groups, method, inputs) if scored else {}
         if method == "sparsegpt":
             consumer = weight_view(groups.consumer.module)
             H = stats[id(groups.consumer.module)]
@@ -272,6 +291,10 @@ def _prune_block(run: _Run, index: int, original: int, block: nn.Module) -> None
             record.update(_kept_heads(keep.tolist(), plan))
         else:
             record["mlp_channels"] = keep.tolist()
+    if plan.experts_remove:
+        prune_block_experts(run, index, original, block)
+    if plan.mlp_remove and layout.moe is not None:
+        prune_block_expert_channels(run, index, original, block)
     if inputs is not None:
         run_block(block, index, inputs, write_back=True)
 
@@ -280,7 +303,7 @@ def _groups(block, layout, config, plan: StructurePlan) -> list[CoupledGroups]:
     groups = []
     if plan.heads_remove:
         groups.append(head_groups(block, layout, config, plan.head_mode))
-    if plan.mlp_remove:
+    if plan.mlp_remove and layout.moe is None:  # a mixture of experts narrows every expert instead
         groups.append(mlp_groups(block, layout))
     return groups
 
@@ -307,4 +330,5 @@ def _kept_heads(keep: list[int], plan: StructurePlan) -> dict:
 
 def _config_fields(config, layout) -> dict:
     names = ("num_hidden_layers", layout.mlp_field, "num_attention_heads", "num_key_value_heads", "head_dim")
+    names += (layout.moe.num_experts_field,) if layout.moe is not None else ()
     return {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}

@@ -7,7 +7,11 @@ r"""The record of a structured pruning run ([`StructuredReport.to_dict`]) re-app
  "errors": {"0.heads": 0.01, ...}, "config": {"num_hidden_layers": 3, "intermediate_size": 352, ...}, "seconds": 4.2}
 ```
 
-`layers` is keyed by the *original* block index; indices are into the dense block.
+`layers` is keyed by the *original* block index; indices are into the dense block. A mixture-of-experts block
+records its kept `experts` (with `expert_scores` and `expert_tokens` of every dense expert) and, when `mlp` narrowed
+them, `expert_channels`: the kept channels of every kept expert. With `hidden`, `hidden_channels` are the kept
+residual channels and `hidden_norm_scales` the factor of each norm's scale (re-applied here; the OBS updates of the
+readers are not).
 [`~hfprune.checkpoints.structure.check_structure`] checks a model against it.
 """
 
@@ -18,7 +22,10 @@ from torch import nn
 
 from ..models.blocks import find_decoder_blocks
 from ..models.layouts import find_layout, head_shape
+from .experts import apply_expert_record
 from .groups import head_groups, mlp_groups
+from .residual import find_residual_stream
+from .residual_shrink import shrink_residual
 from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
 
 
@@ -45,7 +52,12 @@ def apply_record(model: nn.Module, record: dict) -> None:
             shrink_attention_module(attention, len(entry["heads"]), len(entry["kv_heads"]))
         if "mlp_channels" in entry:
             shrink_groups(mlp_groups(block, layout), torch.tensor(entry["mlp_channels"]))
+        if layout.moe is not None:
+            apply_expert_record(block, layout, entry)
     if record["removed_blocks"]:
         remove_blocks(model, blocks_path, list(record["removed_blocks"]))
         blocks = find_decoder_blocks(model)[1]
     apply_config(model, blocks, layout, record.get("head_mode"))
+    if record.get("hidden_channels"):  # last, as in pruning, with the norms' recorded factors
+        keep = torch.tensor(record["hidden_channels"])
+        shrink_residual(model, find_residual_stream(model), layout, keep, record.get("hidden_norm_scales"))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..models.layouts import BlockLayout, head_shape
+from ..models.layouts import BlockLayout, head_shape, mlp_width
+from .experts import apply_moe_config
 from .groups import CoupledGroups, unit_index
 
 
@@ -72,6 +73,9 @@ def shrink_attention_module(attention: nn.Module, heads: int, kv_heads: int) -> 
     for attr, value in (("num_key_value_heads", kv_heads), ("num_heads", heads), ("num_attention_heads", heads)):
         if isinstance(getattr(attention, attr, None), int):
             setattr(attention, attr, value)
+    for attr in ("split_size", "embed_dim"):  # GPT-2 splits c_attn's output by its width; OPT caches it too
+        if isinstance(getattr(attention, attr, None), int) and isinstance(getattr(attention, "head_dim", None), int):
+            setattr(attention, attr, heads * attention.head_dim)
     if getattr(attention, "config", None) is not None:
         attention.config = copy.copy(attention.config)
         attention.config.num_attention_heads = heads
@@ -119,10 +123,12 @@ def apply_config(model: nn.Module, blocks: nn.ModuleList, layout: BlockLayout, h
     Raises a `ValueError` when blocks differ, since a standard config has one width for all of them.
     """
     config = model.config
-    mlp_widths = {block.get_submodule(layout.mlp_consumer).weight.shape[_in_dim(block, layout)] for block in blocks}
+    mlp_widths = {mlp_width(block, layout) for block in blocks}
     if len(mlp_widths) != 1:
         raise ValueError(f"MLP widths differ across blocks ({sorted(mlp_widths)}); a standard config needs one.")
     setattr(config, layout.mlp_field, mlp_widths.pop())
+    if layout.moe is not None:
+        apply_moe_config(model, blocks, layout)  # the expert count, and the attributes that cache it
     heads, kv_heads, head_dim = head_shape(config, layout)
     o_widths = {_o_width(block, layout) for block in blocks}
     if len(o_widths) != 1:
@@ -134,7 +140,8 @@ def apply_config(model: nn.Module, blocks: nn.ModuleList, layout: BlockLayout, h
         config.num_attention_heads = new_heads
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = kv_heads
-        config.head_dim = head_dim  # explicit, because hidden_size // num_attention_heads no longer gives it
+        if layout.head_dim_in_config:  # GPT-2, OPT, GPT-NeoX derive it: `hidden` shrinks hidden_size in step
+            config.head_dim = head_dim  # explicit, because hidden_size // num_attention_heads no longer gives it
     attention_path = layout.o.rpartition(".")[0]
     for block in blocks:
         attention = block.get_submodule(attention_path) if attention_path else block
@@ -145,10 +152,6 @@ def apply_config(model: nn.Module, blocks: nn.ModuleList, layout: BlockLayout, h
 def _o_width(block: nn.Module, layout: BlockLayout) -> int:
     o = block.get_submodule(layout.o)
     return o.weight.shape[1] if isinstance(o, nn.Linear) else o.weight.shape[0]
-
-
-def _in_dim(block: nn.Module, layout: BlockLayout) -> int:
-    return 1 if isinstance(block.get_submodule(layout.mlp_consumer), nn.Linear) else 0
 
 
 def _complement(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 
-STRUCTURE_KEYS = ("mlp", "heads", "blocks", "gqa")
+STRUCTURE_KEYS = ("mlp", "heads", "hidden", "blocks", "gqa", "experts", "expert_criterion")
 GQA_MODES = ("query", "kv")
+EXPERT_CRITERIA = ("reap", "frequency")  # how `experts` ranks the experts of a block
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -32,7 +33,8 @@ def check_positive(field_name: str, value: int) -> None:
 
 
 def parse_structure(structure: dict | str | None) -> dict:
-    r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`, int `blocks` and `gqa` or `None`."""
+    r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`/`hidden`/`experts`, int `blocks`, `gqa`
+    or `None`, and `expert_criterion` (`"reap"` unless given; `None` when no experts are removed)."""
     if structure is None:
         structure = {}
     if isinstance(structure, str):
@@ -43,8 +45,8 @@ def parse_structure(structure: dict | str | None) -> dict:
     unknown = sorted(set(structure) - set(STRUCTURE_KEYS))
     if unknown:
         raise ValueError(f"unknown `structure` keys {unknown}; use {list(STRUCTURE_KEYS)}.")
-    parsed = {"mlp": float(structure.get("mlp", 0.0)), "heads": float(structure.get("heads", 0.0))}
-    for key in ("mlp", "heads"):
+    parsed = {key: float(structure.get(key, 0.0)) for key in ("mlp", "heads", "hidden")}
+    for key in ("mlp", "heads", "hidden"):
         if not 0.0 <= parsed[key] < 1.0:
             raise ValueError(f"`structure['{key}']` is the fraction removed; it must be in [0, 1), got {parsed[key]}.")
     blocks = float(structure.get("blocks", 0))
@@ -55,4 +57,19 @@ def parse_structure(structure: dict | str | None) -> dict:
     if gqa is not None and gqa not in GQA_MODES:
         raise ValueError(f"`structure['gqa']` must be one of {GQA_MODES}, got {gqa!r}.")
     parsed["gqa"] = gqa
+    parsed["experts"] = float(structure.get("experts", 0.0))
+    if not 0.0 <= parsed["experts"] < 1.0:
+        raise ValueError(
+            f"`structure['experts']` is the fraction of experts removed from every mixture-of-experts block; it must "
+            f"be in [0, 1), got {parsed['experts']}."
+        )
+    criterion = structure.get("expert_criterion")
+    if criterion is not None and criterion not in EXPERT_CRITERIA:
+        raise ValueError(f"`structure['expert_criterion']` must be one of {EXPERT_CRITERIA}, got {criterion!r}.")
+    if criterion is not None and not parsed["experts"]:
+        raise ValueError(
+            f"`structure['expert_criterion']`={criterion!r} ranks the experts that `experts` removes, and `experts` "
+            "is 0; set e.g. `experts=0.25`, or drop `expert_criterion`."
+        )
+    parsed["expert_criterion"] = (criterion or "reap") if parsed["experts"] else None
     return parsed
