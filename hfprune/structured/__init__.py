@@ -12,7 +12,10 @@ plan.py         what a `structure` removes, checked against the architecture's c
 shrink.py       slicing modules, removing blocks, writing the new widths into the config
 importance.py   magnitude / wanda / taylor scores per unit (pure), and the calibration gradient pass
 obs.py          OBS removal of column groups with reconstruction of the layer's output (pure)
-driver.py       prune_structured(): block by block, like one-shot pruning; reinit_like()
+driver.py       prune_structured(): the settings, the plan, and the passes over the blocks
+block.py        one block: heads, experts, MLP channels, each scored or OBS-removed, then shrunk
+blocks.py       whole blocks: ShortGPT angular distances; reinit_like() for the train-from-scratch baseline
+report.py       StructuredReport: what was removed, for the checkpoint's record
 record.py       apply_record(): a saved record re-applied to the dense model (`hfprune.verify` checks one)
 experts.py      `experts`: REAP / frequency saliency of mixture-of-experts experts, removing them with their router rows
 expert_channels.py  `mlp` on mixture-of-experts blocks: every expert narrowed to one width, each on its routed tokens
@@ -23,7 +26,8 @@ hidden.py       prune_hidden(): the calibration passes that choose the channels 
 ```
 """
 
-from .driver import StructuredReport, block_angular_distances, prune_structured, reinit_like
+from .blocks import block_angular_distances, reinit_like
+from .driver import prune_structured
 from .expert_channels import shrink_expert_channels
 from .experts import expert_scores, remove_experts
 from .groups import CoupledGroups, Member, head_groups, mlp_groups
@@ -40,6 +44,7 @@ from .importance import (
 from .obs import ObsResult, obs_remove_units
 from .plan import StructurePlan, parse_structure, plan_for_model, plan_structure
 from .record import apply_record
+from .report import StructuredReport
 from .residual import ResidualStream, find_residual_stream
 from .residual_shrink import shrink_residual
 from .save import save_structured

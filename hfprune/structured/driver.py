@@ -18,70 +18,22 @@ tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [bl
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from ..calibration import (
-    BlockInputs,
-    CalibrationRun,
-    HessianStatistic,
-    InputNormStatistic,
-    capture_block_inputs,
-    run_block,
-)
+from ..calibration import CalibrationRun
 from ..config import PruningConfig
-from ..models.layouts import BlockLayout
-from ..models.offload import is_offloaded, onloaded
-from .expert_channels import expert_gradient_targets, expert_gradients, prune_block_expert_channels
-from .experts import prune_block_experts
-from .groups import CoupledGroups, head_groups, mlp_groups, weight_view
+from ..models.offload import is_offloaded
+from .block import BlockJob, block_groups, prune_block
+from .blocks import block_angular_distances, reinit_like
+from .expert_channels import expert_gradient_targets, expert_gradients
 from .hidden import prune_hidden
-from .importance import IMPORTANCE_METHODS, calibration_gradients, group_importance, keep_units_from_scores
-from .obs import obs_remove_units
-from .plan import StructurePlan, parse_structure, plan_for_model
+from .importance import IMPORTANCE_METHODS, calibration_gradients
+from .plan import parse_structure, plan_for_model
+from .report import StructuredReport
 from .residual import hidden_config_fields
-from .shrink import apply_config, remove_blocks, shrink_attention_module, shrink_groups
-
-
-@dataclass
-class StructuredReport:
-    r"""What [`prune_structured`] removed, for `pruning_config.json`.
-
-    Args:
-        structure (`dict`): the parsed structure (`mlp`, `heads`, `blocks`, `gqa`).
-        method (`str`): the importance criterion.
-        head_mode (`str`, *optional*): `"query"` or `"kv"` when heads were removed.
-        num_blocks (`int`): decoder blocks before pruning.
-        removed_blocks (`list[int]`): original indices of the removed blocks.
-        block_distances (`list[float]`): the angular distance of every original block (when blocks were removed).
-        layers (`dict[int, dict]`): by *original* block index, the kept `mlp_channels`, `heads` and `kv_heads`
-            (indices into the dense block), or a mixture of experts' `experts` (see [`~hfprune.structured.record`]).
-        errors (`dict[str, float]`): OBS output error per `"<block>.<part>"` (`sparsegpt`).
-        hidden_channels (`list[int]`): the kept residual channels when `hidden` removed some.
-        hidden_norm_scales (`dict[str, float]`): the factor each norm's scale got then, by the norm's path.
-        config (`dict`): the config fields after pruning.
-        seconds (`float`): wall time.
-    """
-
-    structure: dict
-    method: str
-    head_mode: str | None = None
-    num_blocks: int = 0
-    removed_blocks: list[int] = field(default_factory=list)
-    block_distances: list[float] = field(default_factory=list)
-    layers: dict[int, dict] = field(default_factory=dict)
-    errors: dict[str, float] = field(default_factory=dict)
-    hidden_channels: list[int] = field(default_factory=list)
-    hidden_norm_scales: dict[str, float] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        record = asdict(self)
-        record["layers"] = {str(i): v for i, v in self.layers.items()}
-        return record
+from .shrink import apply_config, remove_blocks
 
 
 def prune_structured(
@@ -189,17 +141,19 @@ def prune_structured(
             run = CalibrationRun.start(model, run.device, progress=progress)
         grads = None
         if method == "taylor" and (plan.mlp_remove or plan.heads_remove):
-            modules = [m.module for b in run.blocks for g in _groups(b, layout, model.config, plan) for m in g.members]
+            modules = [
+                m.module for b in run.blocks for g in block_groups(b, layout, model.config, plan) for m in g.members
+            ]
             experts = expert_gradient_targets(run.blocks, layout) if plan.mlp_remove else []
             grads = calibration_gradients(model, tokens, modules + experts, batch_size)
             grads.update(expert_gradients(grads, experts))
         with torch.no_grad():
             if plan.mlp_remove or plan.heads_remove or plan.experts_remove:
                 inputs = run.capture(tokens, batch_size) if calibrated else None
-                job = _Run(run, layout, model.config, plan, method, dampening, inputs, grads, report)
+                job = BlockJob(run, layout, model.config, plan, method, dampening, inputs, grads, report)
                 for index, block in run.each_block(f"structured {method}"):
                     with run.onloaded(block):  # and back home after
-                        _prune_block(job, index, kept[index], block)
+                        prune_block(job, index, kept[index], block)
             apply_config(model, run.blocks, layout, plan.head_mode)
         if plan.hidden_remove:  # last, on the residual stream the other axes left
             prune_hidden(run, plan.hidden_remove, method, tokens, report, batch_size, dampening)
@@ -212,120 +166,6 @@ def prune_structured(
         report.config.update(hidden_config_fields(model.config))
     report.seconds = time.perf_counter() - start
     return report
-
-
-def block_angular_distances(
-    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
-) -> list[float]:
-    r"""ShortGPT-style importance of each block: `mean_t arccos(cos(x_in_t, x_out_t)) / π` over calibration tokens.
-
-    A block whose output points where its input did (distance near 0) changes little and is removed first.
-    """
-    inputs = capture_block_inputs(model, blocks, tokens, batch_size, device)
-    distances = []
-    for index, block in enumerate(blocks):
-        before = list(inputs.hidden)
-        with onloaded(block, device):
-            run_block(block, index, inputs, write_back=True)
-        total, count = 0.0, 0
-        for x, y in zip(before, inputs.hidden, strict=True):
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).clamp(-1.0, 1.0)  # (batch, seq)
-            total += float(torch.arccos(cos).sum()) / torch.pi
-            count += cos.numel()
-        distances.append(total / max(count, 1))
-    inputs.hidden.clear()
-    return distances
-
-
-def reinit_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    r"""A new model of the same (pruned) architecture and dtype, with fresh weights from its own initialization.
-
-    This is the baseline of "Rethinking the Value of Network Pruning" (Liu et al., ICLR 2019): train it for the
-    same budget as the fine-tuned pruned model.
-    """
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        fresh = type(model)(model.config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    fresh.train(model.training)
-    reference = next(model.parameters())
-    return fresh.to(dtype=reference.dtype, device=reference.device)
-
-
-@dataclass
-class _Run:
-    calibration: CalibrationRun
-    layout: BlockLayout
-    config: object
-    plan: StructurePlan
-    method: str
-    dampening: float
-    inputs: BlockInputs | None
-    grads: dict | None
-    report: StructuredReport
-
-
-def _prune_block(run: _Run, index: int, original: int, block: nn.Module) -> None:
-    layout, plan, method, inputs, report = run.layout, run.plan, run.method, run.inputs, run.report
-    record = report.layers.setdefault(original, {})
-    for groups in _groups(block, layout, run.config, plan):
-        num_remove = plan.units_remove if groups.kind == "heads" else plan.mlp_remove
-        scored = inputs is not None and method in ("wanda", "sparsegpt")
-        stats = _collect(run.calibration, block, index, groups, method, inputs) if scored else {}
-        if method == "sparsegpt":
-            consumer = weight_view(groups.consumer.module)
-            H = stats[id(groups.consumer.module)]
-            result = obs_remove_units(
-                consumer, H, groups.consumer.width, num_remove, groups.num_buckets, run.dampening
-            )
-            consumer.copy_(result.weight)
-            keep, report.errors[f"{original}.{groups.kind}"] = result.keep_units, result.error
-        else:
-            scores = group_importance(groups, method, stats, run.grads)
-            keep = keep_units_from_scores(scores, num_remove, groups.num_buckets)
-        shrink_groups(groups, keep)
-        if groups.kind == "heads":
-            shrink_attention_module(block.get_submodule(layout.o.rpartition(".")[0]), *plan.kept_heads)
-            record.update(_kept_heads(keep.tolist(), plan))
-        else:
-            record["mlp_channels"] = keep.tolist()
-    if plan.experts_remove:
-        prune_block_experts(run, index, original, block)
-    if plan.mlp_remove and layout.moe is not None:
-        prune_block_expert_channels(run, index, original, block)
-    if inputs is not None:
-        run_block(block, index, inputs, write_back=True)
-
-
-def _groups(block, layout, config, plan: StructurePlan) -> list[CoupledGroups]:
-    groups = []
-    if plan.heads_remove:
-        groups.append(head_groups(block, layout, config, plan.head_mode))
-    if plan.mlp_remove and layout.moe is None:  # a mixture of experts narrows every expert instead
-        groups.append(mlp_groups(block, layout))
-    return groups
-
-
-def _collect(run: CalibrationRun, block, index: int, groups: CoupledGroups, method: str, inputs: BlockInputs) -> dict:
-    r"""`id(module) -> statistic` from one pass of the calibration batches: the consumer's Hessian (sparsegpt), or
-    the input feature norms `‖X_j‖₂` of every member (wanda; q/k/v and gate/up share theirs)."""
-    if method == "sparsegpt":
-        consumer = groups.consumer
-        collector, _ = run.collect(block, index, inputs, {consumer.name: consumer.module}, HessianStatistic)
-        return {id(consumer.module): collector.stats[consumer.name].result()}
-    modules = {m.name: m.module for m in groups.members}
-    collector, _ = run.collect(block, index, inputs, modules, InputNormStatistic)
-    norms = {leader: statistic.result().sqrt() for leader, statistic in collector.stats.items()}  # squared -> ‖X_j‖₂
-    return {id(module): norms[collector.leader_of[name]] for name, module in modules.items()}
-
-
-def _kept_heads(keep: list[int], plan: StructurePlan) -> dict:
-    ratio = plan.heads // plan.kv_heads
-    if plan.head_mode == "kv":
-        return {"heads": [g * ratio + j for g in keep for j in range(ratio)], "kv_heads": keep}
-    return {"heads": keep, "kv_heads": list(range(plan.kv_heads))}
 
 
 def _config_fields(config, layout) -> dict:

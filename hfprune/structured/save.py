@@ -11,7 +11,7 @@ from ..config import PruningConfig
 from ..models.offload import offload_messages_silenced
 from ..utils.distributed import is_main_process
 from ..utils.files import atomic_directory
-from .driver import StructuredReport
+from .report import StructuredReport
 
 
 def save_structured(
