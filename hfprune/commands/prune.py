@@ -20,8 +20,9 @@ import typing
 from typing import Any
 
 from ..config import MASK_REFINEMENTS, ONESHOT_METHODS, SPARSITY_PROFILES, STRUCTURED_METHODS, PruningConfig
-from .common import CommandError, add_common_options, emit, load_model, load_tokenizer, model_source
+from .common import add_common_options, emit, load_model
 from .launch import barrier
+from .prune_checks import CheckedInputs, check_inputs, is_safetensors_folder
 
 
 HELP = "prune a causal LM (sparse, or smaller with --structure) and save it"
@@ -147,10 +148,10 @@ def config_from_args(args: argparse.Namespace) -> PruningConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # validate everything before loading anything
-    checked = _check_inputs(args, config)
+    checked = check_inputs(args, config)
     barrier()  # several ranks: all have checked the output folder before rank 0 can write it
     offload_folder = None
-    if not args.no_stream and not config.structure and _is_safetensors_folder(checked.source):
+    if not args.no_stream and not config.structure and is_safetensors_folder(checked.source):
         # pruned blocks wait here until the output is written; beside the output, so on the same disk
         parent = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(parent, exist_ok=True)
@@ -164,86 +165,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(offload_folder, ignore_errors=True)
 
 
-@dataclasses.dataclass
-class _Checked:
-    r"""What [`_check_inputs`] found: the model source, its tokenizer, and the calibration and evaluation token ids."""
-
-    source: str
-    tokenizer: Any
-    calibration: Any  # `(samples, seq_len)` ids, or `None`
-    evaluation: Any  # `(windows, seq_len)` ids, or `None`
-
-
-def _check_inputs(args: argparse.Namespace, config: PruningConfig) -> _Checked:
-    r"""Every check that needs no weights, in the order a user fixes them; fast and offline for local paths."""
-    from transformers import AutoConfig
-
-    from ..calibration import calibration_windows, resolve_seq_len
-    from ..calibration.data import resolve_text_source
-    from ..evaluation import evaluation_windows
-
-    if config.structure and (args.format != "dense" or args.push_to_hub):
-        option = "--format compact" if args.format != "dense" else "--push-to-hub"
-        raise CommandError(
-            f"{option} is for sparse checkpoints; --structure writes a smaller dense model. Drop {option}, and upload "
-            "the folder with `huggingface-cli upload` if you want it on the Hub."
-        )
-    source = model_source(args.model)
-    structure = config.structure or {}
-    if structure.get("experts") and not args.calibration:  # REAP and frequency both route calibration tokens
-        raise CommandError(
-            f"--structure experts={structure['experts']} ranks experts on calibration tokens and needs --calibration "
-            "(a text file, a saved dataset folder or a dataset name)."
-        )
-    if structure.get("hidden") and not args.calibration:
-        raise CommandError("--structure hidden needs --calibration: every criterion rescales the norms on its tokens.")
-    calibrated = config.method != "magnitude" or structure.get("blocks")
-    if calibrated and not args.calibration:
-        raise CommandError(
-            f"--method {config.method} needs --calibration (a text file, a saved dataset folder or a dataset name)."
-        )
-    calibration = resolve_text_source(args.calibration, "--calibration") if args.calibration else None
-    evaluation = resolve_text_source(args.eval_data, "--eval") if args.eval_data else None
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CommandError(f"--output {args.output} exists and is not empty; pass --overwrite to replace it.")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise CommandError(f"--output {args.output} is a file; give a folder.")
-    model_config = AutoConfig.from_pretrained(source)
-    if config.structure:
-        _check_structure(model_config, config.structure)
-    tokenizer = None
-    if calibration or evaluation:
-        tokenizer = load_tokenizer(source)
-        if tokenizer is None:
-            raise CommandError(f"no tokenizer found in {args.model}; calibration and evaluation text need one.")
-    seq_len = resolve_seq_len(model_config, config.calibration_seq_len)
-    tokens = eval_ids = None
-    if calibration:
-        tokens = calibration_windows(
-            calibration, tokenizer, config.num_calibration_samples, seq_len, config.calibration_seed
-        )  # (samples, seq_len)
-    if evaluation:
-        eval_ids = evaluation_windows(evaluation, tokenizer, seq_len, args.eval_max_windows)  # (windows, seq_len)
-    return _Checked(source, tokenizer, tokens, eval_ids)
-
-
-def _check_structure(model_config, structure: dict) -> None:
-    r"""What `structure` removes, checked against the architecture on a `meta` skeleton (no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..structured import plan_for_model
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    plan_for_model(skeleton, structure)
-
-
-def _is_safetensors_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(name.endswith(".safetensors") for name in os.listdir(path))
-
-
-def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: _Checked, offload_folder) -> int:
+def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: CheckedInputs, offload_folder) -> int:
     from ..evaluation import perplexity
 
     model, _ = load_model(checked.source, args.dtype, quiet=args.quiet, offload_folder=offload_folder)
