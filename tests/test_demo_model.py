@@ -156,7 +156,8 @@ def test_every_demo_model_recipe_fits_the_shipped_model(training_example):
     demo_recipes = [p for p in RECIPES if p.parent.name == "demo-model" and "distill" not in p.name]
     assert len(demo_recipes) == 19
     for path in demo_recipes:
-        model_args, pruning_config, args = training_example.parse_recipe([str(path)])
+        model_args, pruning_config, distillation, args = training_example.parse_recipe([str(path)])
+        assert model_args.teacher_model_name_or_path is None and distillation.distillation_temperature == 1.0, path
         assert (REPO / model_args.model_name_or_path).resolve() == SHIPPED.resolve(), path
         assert pruning_config.target.is_nm and args.max_steps > 0, path
         assert path.name.startswith(pruning_config.method or pruning_config.gradient_flow), path
@@ -166,14 +167,14 @@ def test_every_demo_model_recipe_fits_the_shipped_model(training_example):
 
 def test_command_line_options_override_the_recipe(training_example, tmp_path):
     recipe = REPO / "recipes" / "demo-model" / "ste_2of4.yaml"
-    model_args, pruning_config, args = training_example.parse_recipe([str(recipe)])
+    model_args, pruning_config, _, args = training_example.parse_recipe([str(recipe)])
     assert (model_args.model_name_or_path, pruning_config.sparsity, args.max_steps) == (
         "examples/demo-model",
         "2:4",
         150,
     )
     options = ["--model_name_or_path", "other", "--sparsity", "1:8", "--max_steps", "7", "--learning_rate", "3e-4"]
-    model_args, pruning_config, args = training_example.parse_recipe([str(recipe), *options])
+    model_args, pruning_config, _, args = training_example.parse_recipe([str(recipe), *options])
     assert (model_args.model_name_or_path, model_args.train_file) == ("other", "examples/demo-model/train.txt")
     assert (pruning_config.target.n, pruning_config.target.m, pruning_config.gradient_flow) == (1, 8, "ste")
     assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (7, 3e-4, 8)
