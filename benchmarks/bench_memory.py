@@ -15,11 +15,15 @@ r"""Peak memory of one-shot pruning, in memory against streaming, and one agains
   after loading), so the comparison favours llm-compressor.
 - `processes`: the 2-block wide Llama of `bench_oneshot.py`, SparseGPT and Wanda at 50%, one process against two
   (`torchrun --nproc_per_node 2`), one thread per process, timed side by side in one run.
+- `structured`: structured pruning (`--structure`, default `mlp=0.5,heads=0.5,blocks=1` with `sparsegpt`) of the
+  random Llama of `memory` (`--blocks`): peak RSS in memory (`--no-stream`) against streamed from the folder, with
+  the outputs compared tensor by tensor; then one process against two (`torchrun`), timed side by side.
 
     python benchmarks/bench_memory.py                      # both parts; writes benchmarks/results/memory.md
     python benchmarks/bench_memory.py --only processes
     python benchmarks/bench_memory.py --only memory --methods sparsegpt --modes streaming "streaming, activations on disk"
     python benchmarks/bench_memory.py --blocks 2 --samples 16 --output /tmp/memory.md   # a quick smoke run
+    python benchmarks/bench_memory.py --only structured --threads 1 --output benchmarks/results/memory_structured.md
 
 Times are only meaningful on an otherwise idle machine; the table records the load average.
 """
@@ -205,6 +209,49 @@ def peer_part(args, log) -> list[str]:
     return rows
 
 
+def structured_part(args, log) -> list[str]:
+    model = WORK_DIR / f"llama-{args.blocks}x2048"
+    weight_bytes = build_model(model, args.blocks)
+    rows = [
+        (
+            f"Random Llama, {args.blocks} blocks, hidden 2048, MLP 5632, 32 heads, untied `lm_head`: "
+            f"{weight_bytes / GIB:.2f} GiB of float32 weights. `--structure {args.structure} --method sparsegpt`, "
+            f"{args.samples} x 256 calibration tokens, `--max-shard-size 200MB`, {args.threads} threads per process."
+        ),
+        "",
+        "| mode | peak RSS GiB | peak / weights | wall s | output identical to in memory |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    digests = {}
+    for mode, flags, prefix in (
+        ("in memory", ["--no-stream"], None),
+        ("streaming", [], None),
+        ("streaming, 2 processes", [], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2"]),
+    ):  # fmt: skip
+        out = WORK_DIR / "out-structured"
+        shutil.rmtree(out, ignore_errors=True)
+        cli = [
+            "prune", str(model), "--structure", args.structure, "--method", "sparsegpt", "--calibration",
+            str(model / "calib.txt"), "--num-samples", str(args.samples), "--seq-len", "256", "--output", str(out),
+            "--max-shard-size", "200MB", "--quiet", *flags,
+        ]  # fmt: skip
+        if prefix is None:
+            result = json.loads(run([sys.executable, __file__, "--worker", *cli], args.threads, log).splitlines()[-1])
+            peak, seconds = result["peak_rss"], result["seconds"]
+        else:  # the peak of one rank is not the run's: time it only
+            start = time.perf_counter()
+            run([*prefix, "-m", "hfprune", *cli], args.threads, log)
+            peak, seconds = None, time.perf_counter() - start
+        digests[mode] = folder_digest(out)
+        same = "(reference)" if mode == "in memory" else "yes" if digests[mode] == digests["in memory"] else "**no**"
+        shown = f"{peak / GIB:.2f} | {peak / weight_bytes:.3f}" if peak else "- | -"
+        rows.append(f"| {mode} | {shown} | {seconds:.0f} | {same} |")
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def processes_part(args, log) -> list[str]:
     model = WORK_DIR / "llama-2x2048"
     build_model(model, 2)
@@ -242,7 +289,8 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("memory", "peer", "processes"))
+    parser.add_argument("--only", choices=("memory", "peer", "processes", "structured"))
+    parser.add_argument("--structure", default="mlp=0.5,heads=0.5,blocks=1", help="structured part")
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -261,6 +309,8 @@ def main() -> None:
             lines += ["", "## Against llm-compressor", "", *peer_part(args, log)]
         if args.only in (None, "processes"):
             lines += ["", "## One against two processes", "", *processes_part(args, log)]
+        if args.only in (None, "structured"):
+            lines += ["", "## Structured pruning, streamed", "", *structured_part(args, log)]
     lines += ["", f"Load average after: {os.getloadavg()[0]:.2f}", ""]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines))

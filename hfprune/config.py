@@ -74,13 +74,26 @@ class PruningConfig(PushToHubMixin):
             "'gqa=query|kv' chooses how grouped-query heads go). On mixture-of-experts models 'experts=0.25' removes "
             "that fraction of every block's experts, ranked by 'expert_criterion=reap|frequency' (default reap), and "
             "'mlp' narrows every expert. 'hidden=0.25' removes that fraction of the residual-stream channels from the "
-            "whole model (needs calibration data). The result is a smaller standard model."
+            "whole model (needs calibration data). The result is a smaller standard model. A parameter budget "
+            "instead: 'params=0.6' keeps that share of the parameters ('params_counted=all', the default, counts "
+            "every parameter; 'non_embedding' leaves out the embeddings and lm_head) and picks, among structures of "
+            "the axes in 'search' (default 'hidden+mlp+heads+blocks', those the model can prune) that reach it, the "
+            "one whose pruned model is closest to the dense one on held-out calibration windows."
         },
     )
     reinit: bool = field(
         default=False,
         metadata={
             "help": "Structured pruning: re-initialize the pruned architecture (the train-from-scratch baseline)."
+        },
+    )
+    budget_candidates: int = field(
+        default=8,
+        metadata={
+            "help": "With `structure` 'params=...': how many of the structures that reach the budget are pruned and "
+            "scored (each axis alone where it reaches the budget, then mixed ones spread over the search space). "
+            "Each costs one structured pruning of a copy of the model and a pass over the held-out calibration "
+            "windows (a quarter of `num_calibration_samples`; the rest prune)."
         },
     )
     sparsity: str | None = field(
@@ -360,6 +373,12 @@ class PruningConfig(PushToHubMixin):
 
         check_positive("block_size", self.block_size)
         check_positive("num_calibration_samples", self.num_calibration_samples)
+        check_positive("budget_candidates", self.budget_candidates)
+        if self.structure and self.structure.get("params") is not None and self.num_calibration_samples < 2:
+            raise ValueError(
+                f"`structure` 'params={self.structure['params']}' prunes on some calibration windows and scores on "
+                f"the others; `num_calibration_samples`={self.num_calibration_samples} cannot be split. Use at least 2."
+            )
         check_positive("calibration_batch_size", self.calibration_batch_size)
         check_positive("min_calibration_tokens", self.min_calibration_tokens)
         check_positive("admm_iterations", self.admm_iterations)

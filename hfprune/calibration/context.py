@@ -147,6 +147,23 @@ class CalibrationRun:
             stats[leader] = statistic
         collector.leader_of, collector.stats = leader_of, stats
 
+    def expert_statistics(
+        self, collector: ExpertCollector, experts: dict[str, ExpertProjection], statistic_type
+    ) -> dict[tuple[str, int], object]:
+        r"""`{(projection name, expert): statistic}` for every expert of `experts`, summed over the ranks with its
+        token count (`tokens`): an expert no token of this rank was routed to gets an empty statistic first, so every
+        rank sums the same statistics in the same order."""
+        statistics = {}
+        for name, projection in experts.items():
+            for expert in range(projection.num_experts):
+                statistic = collector.stats.pop((name, expert), None)
+                if statistic is None:
+                    statistic = statistic_type(projection.view().shape[-1], self.device)
+                self.ranks.reduce_statistic(statistic)
+                statistic.tokens = self.ranks.reduce_count(collector.tokens.get((name, expert), 0), self.device)
+                statistics[(name, expert)] = statistic
+        return statistics
+
     def advance(self, block: nn.Module, index: int, inputs: BlockInputs) -> None:
         r"""Runs block `index` on the calibration inputs, whose outputs become the next block's inputs (nothing to
         do after the last block). A failure on any rank stops every rank."""

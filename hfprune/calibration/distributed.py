@@ -57,6 +57,12 @@ class Ranks:
             return
         dist.all_reduce(statistic.sum)
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        r"""Sums `tensor` over all ranks, in place (every rank must pass one of the same shape, in the same order)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
     def reduce_count(self, count: int, device: torch.device) -> int:
         if not self.distributed:
             return count

@@ -22,7 +22,7 @@ from typing import Any
 from ..config import MASK_REFINEMENTS, ONESHOT_METHODS, SPARSITY_PROFILES, STRUCTURED_METHODS, PruningConfig
 from .common import add_common_options, emit, load_model
 from .launch import barrier
-from .prune_checks import CheckedInputs, check_inputs, is_safetensors_folder
+from .prune_checks import CheckedInputs, check_inputs, is_safetensors_folder, streams
 
 
 HELP = "prune a causal LM (sparse, or smaller with --structure) and save it"
@@ -37,6 +37,7 @@ PRUNE_FIELDS = (
     "method",
     "structure",
     "reinit",
+    "budget_candidates",
     "sparsity",
     "sparsity_profile",
     "owl_threshold",
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     checked = check_inputs(args, config)
     barrier()  # several ranks: all have checked the output folder before rank 0 can write it
     offload_folder = None
-    if not args.no_stream and not config.structure and is_safetensors_folder(checked.source):
+    if not args.no_stream and streams(config) and is_safetensors_folder(checked.source):
         # pruned blocks wait here until the output is written; beside the output, so on the same disk
         parent = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(parent, exist_ok=True)
@@ -178,9 +179,11 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: Ch
 
     ppl = {"dense": measure()} if checked.evaluation is not None else {}
     if config.structure:
-        from ..structured import prune_structured, save_structured
+        from ..structured import budget_table, prune_structured, save_structured
 
-        report = prune_structured(model, config, calibration=checked.calibration, progress=not args.quiet)
+        report = prune_structured(
+            model, config, checked.calibration, progress=not args.quiet, offload_folder=offload_folder
+        )
     else:
         from ..checkpoints import save_pruned
         from ..oneshot import prune
@@ -211,6 +214,8 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: Ch
         params = sum(p.numel() for p in model.parameters())
         line = f"saved to {path}: {params:,} parameters, {_widths(report.config)}"
         table = f"structure {config.structure}, method {config.method}"
+        if report.budget:  # the candidates of a `params` budget and their scores
+            table += "\n" + budget_table(report.budget)
     else:
         path = save_pruned(
             model, args.output, config, report, checked.tokenizer, overwrite=args.overwrite, format=args.format,
@@ -220,10 +225,8 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: Ch
         table = str(report)
     if ppl:
         line += ", perplexity " + " -> ".join(f"{v:.3f}" for v in ppl.values())
-    data = {"output": path, "perplexity": ppl, "report": report.to_dict()}
-    if not config.structure:
-        data["world_size"] = report.world_size
-    else:
+    data = {"output": path, "world_size": report.world_size, "perplexity": ppl, "report": report.to_dict()}
+    if config.structure:
         data["parameters"] = params
     emit(args, data, line if args.quiet else f"{table}\n{line}")
     return 0

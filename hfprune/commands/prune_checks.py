@@ -46,6 +46,11 @@ def check_inputs(args: argparse.Namespace, config: PruningConfig) -> CheckedInpu
         )
     if structure.get("hidden") and not args.calibration:
         raise CommandError("--structure hidden needs --calibration: every criterion rescales the norms on its tokens.")
+    if structure.get("params") and not args.calibration:
+        raise CommandError(
+            f"--structure params={structure['params']} scores every candidate structure on held-out calibration "
+            "windows and needs --calibration (a text file, a saved dataset folder or a dataset name)."
+        )
     calibrated = config.method != "magnitude" or structure.get("blocks")
     if calibrated and not args.calibration:
         raise CommandError(
@@ -82,10 +87,23 @@ def _check_structure(model_config, structure: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from ..structured import plan_for_model
+    from ..structured.budget_grid import BudgetGrid
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    plan_for_model(skeleton, structure)
+    if structure.get("params") is not None:  # a parameter budget: some structure must reach it
+        BudgetGrid(skeleton, structure).candidates()
+    else:
+        plan_for_model(skeleton, structure)
+
+
+def streams(config: PruningConfig) -> bool:
+    r"""Whether a local folder is pruned streamed (one decoder block in memory at a time): always for sparsity, and
+    for a structure unless it needs the whole model at once (`hidden`, a `params` budget's copies, or `taylor`'s
+    backward pass)."""
+    structure = config.structure or {}
+    whole = structure.get("hidden") or structure.get("params") is not None
+    return not whole and not (structure and config.method == "taylor")
 
 
 def is_safetensors_folder(path: str) -> bool:

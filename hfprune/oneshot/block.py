@@ -98,22 +98,15 @@ def _prune_units(job: BlockPruning, block, index: int, targets: dict, stage: int
 def _units(job: BlockPruning, modules, experts, collector, expert_collector):
     r"""`[(names, {key: (statistic, label)})]` in the same order on every rank: modules by their leader's first call
     (those never called last), with the statistics [`CalibrationRun.collect`] summed over the ranks, then fused
-    experts, whose statistics are summed here once every rank has one for every expert. A module or expert no
+    experts, with the statistics [`CalibrationRun.expert_statistics`] completes and sums. A module or expert no
     calibration token reached gets an empty statistic, which falls back to magnitude pruning."""
-    ranks, device = job.run.ranks, job.run.device
     groups: dict[str, list[str]] = {}
     for name, leader in collector.leader_of.items():  # in call order
         groups.setdefault(leader, []).append(name)
     units = [(names, {None: (collector.stats[leader], names[0])}) for leader, names in groups.items()]
+    expert_statistics = job.run.expert_statistics(expert_collector, experts, job.statistic_type)
     for name, projection in experts.items():
-        statistics = {}
-        for expert in range(projection.num_experts):
-            statistic = expert_collector.stats.pop((name, expert), None)
-            if statistic is None:
-                statistic = job.statistic_type(projection.view().shape[-1], device)
-            ranks.reduce_statistic(statistic)
-            statistic.tokens = ranks.reduce_count(expert_collector.tokens.get((name, expert), 0), device)
-            statistics[expert] = (statistic, f"{name}[{expert}]")
+        statistics = {e: (expert_statistics[(name, e)], f"{name}[{e}]") for e in range(projection.num_experts)}
         units.append(([name], statistics))
     return units
 

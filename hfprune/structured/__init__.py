@@ -23,10 +23,16 @@ residual.py     `hidden`: where the residual stream lives in each architecture, 
 residual_importance.py  channel scores (Minitron activations, OBS costs), norm rescaling, reader reconstruction (pure)
 residual_shrink.py      slicing the whole model's residual stream (Gemma's embedding scale included)
 hidden.py       prune_hidden(): the calibration passes that choose the channels and reconstruct the readers
+budget.py       the parameter count of the model a structure gives, from the config alone
+budget_grid.py  `params`: the structures that reach a parameter budget (a coarse grid, the finest axis solved)
+budget_search.py  `params`: a few of them pruned and scored by KL to the dense model on held-out windows; the best
 ```
 """
 
 from .blocks import block_angular_distances, reinit_like
+from .budget import ParameterCounter, parameter_count
+from .budget_grid import BudgetCandidate, BudgetGrid
+from .budget_search import budget_table, next_token_kl, prune_to_budget
 from .driver import prune_structured
 from .expert_channels import shrink_expert_channels
 from .experts import expert_scores, remove_experts
@@ -53,15 +59,19 @@ from .shrink import apply_config, remove_blocks, shrink_groups, shrink_module
 
 __all__ = [
     "IMPORTANCE_METHODS",
+    "BudgetCandidate",
+    "BudgetGrid",
     "CoupledGroups",
     "Member",
     "ObsResult",
+    "ParameterCounter",
     "ResidualStream",
     "StructurePlan",
     "StructuredReport",
     "apply_config",
     "apply_record",
     "block_angular_distances",
+    "budget_table",
     "calibration_gradients",
     "expert_scores",
     "find_residual_stream",
@@ -70,12 +80,15 @@ __all__ = [
     "keep_units_from_scores",
     "magnitude_importance",
     "mlp_groups",
+    "next_token_kl",
     "obs_remove_units",
+    "parameter_count",
     "parse_structure",
     "plan_for_model",
     "plan_structure",
     "prune_hidden",
     "prune_structured",
+    "prune_to_budget",
     "reinit_like",
     "remove_blocks",
     "remove_experts",

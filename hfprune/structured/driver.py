@@ -17,6 +17,7 @@ tokens ─► embeddings ─► [block 0] ─► [block 1] ─► ... ─► [bl
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -26,7 +27,8 @@ from ..calibration import CalibrationRun
 from ..config import PruningConfig
 from ..models.offload import is_offloaded
 from .block import BlockJob, block_groups, prune_block
-from .blocks import block_angular_distances, reinit_like
+from .blocks import block_angular_distances, check_offloaded, reinit_like
+from .budget_search import prune_to_budget
 from .expert_channels import expert_gradient_targets, expert_gradients
 from .hidden import prune_hidden
 from .importance import IMPORTANCE_METHODS, calibration_gradients
@@ -51,6 +53,7 @@ def prune_structured(
     progress: bool = True,
     device: str | torch.device | None = None,
     reinit: bool | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> StructuredReport:
     r"""Removes heads, MLP channels, blocks and hidden channels from `model` in place, with a config to match.
 
@@ -60,7 +63,9 @@ def prune_structured(
         config ([`PruningConfig`], `dict` or `str`): a `PruningConfig` with `structure` set, which supplies the
             structure and every setting below (`method`, the calibration fields, `dampening`, `pruning_device`,
             `reinit`); or the structure alone, e.g. `{"mlp": 0.5, "heads": 0.25, "blocks": 1}` or
-            `"mlp=0.5,heads=0.25"` (see [`~hfprune.utils.checks.parse_structure`]), with `method=` given.
+            `"mlp=0.5,heads=0.25"` (see [`~hfprune.utils.checks.parse_structure`]), with `method=` given. A parameter
+            budget such as `"params=0.6"` prunes to the best-scored structure that reaches it (see
+            [`~hfprune.structured.budget_search.prune_to_budget`]; `budget_candidates` of the config).
         calibration (*optional*): what [`~hfprune.calibration.calibration_windows`] reads: text file, dataset,
             strings, or a `LongTensor` of ids `(samples, seq_len)`. Needed unless `method="magnitude"` and no blocks
             are removed.
@@ -79,6 +84,12 @@ def prune_structured(
             `pruning_device`, else CUDA when available.
         reinit (`bool`, *optional*): re-initialize every weight of the pruned architecture afterwards ("Rethinking
             the Value of Network Pruning" baseline; see [`reinit_like`]); default the config's, or `False`.
+        offload_folder (`str`, *optional*): for a model dispatched with a `device_map` whose blocks are offloaded
+            to disk straight from its safetensors checkpoint: where the shrunken weights of those blocks go (the
+            checkpoint is never modified). Offloaded blocks are loaded, pruned and written back one at a time.
+
+    Under several processes (`torchrun`), every rank calibrates on its share of the windows, the statistics are
+    summed over the ranks, and every rank makes the same choices.
 
     Settings given here override the config's.
 
@@ -110,23 +121,26 @@ def prune_structured(
         raise ValueError(f"`method`={method!r} is not a structured method; use one of {IMPORTANCE_METHODS}.")
     start = time.perf_counter()
     parsed = parse_structure(structure)
-    if is_offloaded(model):
-        raise ValueError(
-            "structured pruning changes the shapes of the weights, which offloaded blocks (a `device_map` with CPU "
-            "or disk offload) cannot take; load the model on one device."
-        )
-    run = CalibrationRun.start(model, device, progress=progress)
+    if parsed.get("params") is not None:  # a parameter budget: the best-scored structure that reaches it
+        settings = {"method": method, "num_calibration_samples": num_calibration_samples, "seed": seed}
+        settings |= {"calibration_seq_len": calibration_seq_len, "batch_size": batch_size, "dampening": dampening}
+        settings |= {"progress": progress, "device": device, "reinit": reinit}
+        limit = config.budget_candidates
+        return prune_to_budget(prune_structured, model, parsed, calibration, tokenizer, settings, limit)
+    run = CalibrationRun.start(model, device, offload_folder, progress)
     blocks_path, blocks = run.blocks_path, run.blocks
     layout, plan = plan_for_model(model, parsed)
-    report = StructuredReport(parsed, method, plan.head_mode, len(blocks))
+    if is_offloaded(model):
+        check_offloaded(model, run, method, plan)
+    report = StructuredReport(parsed, method, plan.head_mode, len(blocks), world_size=run.ranks.world_size)
 
     tokens = None
     calibrated = method in ("wanda", "sparsegpt") and (plan.mlp_remove or plan.heads_remove) or plan.experts_remove
     if calibrated or plan.blocks_remove or method == "taylor" or plan.hidden_remove:
         if calibration is None:
             raise ValueError(f"`method`={method!r} with this structure needs calibration data; pass `calibration=`.")
-        # every process calibrates on all the windows (structured pruning is not split over ranks)
-        tokens = run.windows(calibration, tokenizer, num_calibration_samples, calibration_seq_len, seed, shard=False)
+        # (samples / world_size, seq_len): each rank calibrates on its share, and the statistics are summed
+        tokens = run.windows(calibration, tokenizer, num_calibration_samples, calibration_seq_len, seed)
 
     was_training = model.training
     model.eval()
@@ -134,18 +148,18 @@ def prune_structured(
         kept = list(range(len(blocks)))
         if plan.blocks_remove:
             with torch.no_grad():
-                distances = block_angular_distances(model, blocks, tokens, batch_size, run.device)
+                distances = block_angular_distances(run, tokens, batch_size)
             report.block_distances = distances
             report.removed_blocks = sorted(torch.tensor(distances).argsort(stable=True)[: plan.blocks_remove].tolist())
             kept = remove_blocks(model, blocks_path, report.removed_blocks)
-            run = CalibrationRun.start(model, run.device, progress=progress)
+            run = CalibrationRun.start(model, run.device, offload_folder, progress)
         grads = None
         if method == "taylor" and (plan.mlp_remove or plan.heads_remove):
             modules = [
                 m.module for b in run.blocks for g in block_groups(b, layout, model.config, plan) for m in g.members
             ]
             experts = expert_gradient_targets(run.blocks, layout) if plan.mlp_remove else []
-            grads = calibration_gradients(model, tokens, modules + experts, batch_size)
+            grads = calibration_gradients(model, tokens, modules + experts, batch_size, run.ranks)
             grads.update(expert_gradients(grads, experts))
         with torch.no_grad():
             if plan.mlp_remove or plan.heads_remove or plan.experts_remove:

@@ -155,11 +155,12 @@ def _statistics(job, index: int, block: nn.Module, experts: nn.Module) -> tuple[
     statistic = HessianStatistic if job.method == "sparsegpt" else InputNormStatistic
     targets = {name: ExpertProjection(experts, name) for name in names}
     _, collected = job.calibration.collect(block, index, job.inputs, {}, statistic, experts=targets)
-    tokens = {e: collected.tokens.get(("down_proj", e), 0) for e in range(expert_shape(experts)[0])}
+    summed = job.calibration.expert_statistics(collected, targets, statistic)  # over every rank
+    tokens = {e: summed[("down_proj", e)].tokens for e in range(expert_shape(experts)[0])}
     if job.method == "sparsegpt":
-        return {e: collected.stats[("down_proj", e)].result() for e, n in tokens.items() if n}, tokens
+        return {e: summed[("down_proj", e)].result() for e, n in tokens.items() if n}, tokens
     stats = {  # squared sums -> ‖X_j‖₂
-        e: (collected.stats[(up_name, e)].result().sqrt(), collected.stats[("down_proj", e)].result().sqrt())
+        e: (summed[(up_name, e)].result().sqrt(), summed[("down_proj", e)].result().sqrt())
         for e, n in tokens.items()
         if n
     }

@@ -178,9 +178,10 @@ def prune_block_experts(job, index: int, original: int, block: nn.Module) -> Non
     finally:
         collector.remove()
     job.calibration.ranks.check(error, f"while routing calibration tokens through decoder block {index}")
-    count = expert_shape(experts)[0]
-    tokens = collector.tokens.get("experts", torch.zeros(count, dtype=torch.long))
-    weighted = collector.weighted_norm_sum.get("experts", torch.zeros(count, dtype=ACCUMULATE_DTYPE))
+    count, ranks, device = expert_shape(experts)[0], job.calibration.ranks, job.calibration.device
+    tokens = collector.tokens.get("experts", torch.zeros(count, dtype=torch.long, device=device))
+    weighted = collector.weighted_norm_sum.get("experts", torch.zeros(count, dtype=ACCUMULATE_DTYPE, device=device))
+    tokens, weighted = ranks.sum_(tokens.to(device)), ranks.sum_(weighted.to(device))  # over every rank's tokens
     scores = expert_scores(tokens, weighted, job.plan.expert_criterion)
     keep = keep_units_from_scores(scores, job.plan.experts_remove)
     remove_experts(block, job.layout, keep)

@@ -162,7 +162,13 @@ def _walk(job: HiddenJob, statistic_type, norm_stats: dict | None, visit, desc: 
                 if H is not None:
                     H.update(final.module(x) if final is not None else x)
     inputs.hidden.clear()
-    return H.result() if H is not None else None
+    for statistic in (norm_stats or {}).values():  # every rank's tokens, in the same order everywhere
+        run.ranks.reduce_statistic(statistic)
+    if H is None:
+        return None
+    run.ranks.reduce_statistic(H)
+    H.tokens = run.ranks.reduce_count(H.tokens, run.device)
+    return H.result()
 
 
 def _reconstruct(job: HiddenJob, keep: torch.Tensor, report) -> None:

@@ -96,7 +96,7 @@ def group_importance(
 
 
 def calibration_gradients(
-    model: nn.Module, tokens: torch.Tensor, modules: list[nn.Module], batch_size: int = 8
+    model: nn.Module, tokens: torch.Tensor, modules: list[nn.Module], batch_size: int = 8, ranks=None
 ) -> dict[int, torch.Tensor]:
     r"""Runs the LM loss backward over `tokens` and returns `id(module) -> (out, in)` weight gradients of `modules`.
 
@@ -108,6 +108,9 @@ def calibration_gradients(
         tokens (`torch.LongTensor` of shape `(samples, seq_len)`): calibration ids.
         modules (`list[nn.Module]`): the `nn.Linear` / `Conv1D` modules whose gradients are wanted.
         batch_size (`int`, *optional*, defaults to `8`): sequences per backward pass.
+        ranks ([`~hfprune.calibration.Ranks`], *optional*): under several processes, `tokens` are this rank's
+            windows, and the gradients of all of them are combined (weighted by each rank's window count), so every
+            rank returns the gradient of the mean loss over every window.
     """
     weights = {id(m): m.weight for m in modules}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
@@ -123,6 +126,10 @@ def calibration_gradients(
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             (loss * batch.shape[0] / tokens.shape[0]).backward()
         grads = {key: weight_view_grad(m) for key, m in ((id(m), m) for m in modules)}
+        if ranks is not None and ranks.distributed:
+            share = torch.tensor([float(tokens.shape[0])], dtype=torch.float64, device=device)
+            total = float(ranks.sum_(share.clone()))
+            grads = {key: ranks.sum_(g * (float(share) / total)) for key, g in grads.items()}
     finally:
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)

@@ -23,6 +23,10 @@ class StructuredReport:
         hidden_norm_scales (`dict[str, float]`): the factor each norm's scale got then, by the norm's path.
         config (`dict`): the config fields after pruning.
         seconds (`float`): wall time.
+        world_size (`int`): how many processes calibrated the model together.
+        budget (`dict`): with a `params` budget, what was searched: the target, what was counted, every scored
+            candidate with its structure, parameters, share and KL, and the `pick` (see
+            [`~hfprune.structured.budget_search.prune_to_budget`]); `structure` is then the picked one.
     """
 
     structure: dict
@@ -37,6 +41,8 @@ class StructuredReport:
     hidden_norm_scales: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    world_size: int = 1
+    budget: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         record = asdict(self)

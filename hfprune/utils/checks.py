@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 
 
-STRUCTURE_KEYS = ("mlp", "heads", "hidden", "blocks", "gqa", "experts", "expert_criterion")
+BUDGET_KEYS = ("params", "params_counted", "search")  # a parameter budget instead of fractions
+STRUCTURE_KEYS = ("mlp", "heads", "hidden", "blocks", "gqa", "experts", "expert_criterion", *BUDGET_KEYS)
+BUDGET_AXES = ("hidden", "mlp", "heads", "blocks")  # what a `params` budget searches
+PARAMS_COUNTED = ("all", "non_embedding")  # what a `params` budget counts
 GQA_MODES = ("query", "kv")
 EXPERT_CRITERIA = ("reap", "frequency")  # how `experts` ranks the experts of a block
 
@@ -34,7 +37,8 @@ def check_positive(field_name: str, value: int) -> None:
 
 def parse_structure(structure: dict | str | None) -> dict:
     r"""Checks `structure` and returns it as a dict with float `mlp`/`heads`/`hidden`/`experts`, int `blocks`, `gqa`
-    or `None`, and `expert_criterion` (`"reap"` unless given; `None` when no experts are removed)."""
+    or `None`, and `expert_criterion` (`"reap"` unless given; `None` when no experts are removed); with a parameter
+    budget also `params`, `params_counted` and `search` (see [`_parse_budget`])."""
     if structure is None:
         structure = {}
     if isinstance(structure, str):
@@ -72,4 +76,50 @@ def parse_structure(structure: dict | str | None) -> dict:
             "is 0; set e.g. `experts=0.25`, or drop `expert_criterion`."
         )
     parsed["expert_criterion"] = (criterion or "reap") if parsed["experts"] else None
+    parsed.update(_parse_budget(structure, parsed))
     return parsed
+
+
+def _parse_budget(structure: dict, parsed: dict) -> dict:
+    r"""`params` (the share of the parameters to keep, in (0, 1)), `params_counted` (`"all"` unless given) and
+    `search` (the axes searched, in [`BUDGET_AXES`] order; `None`: every axis the model can prune), or `{}` when no
+    budget is asked for. A searched axis cannot also have a fraction of its own."""
+    params = structure.get("params")
+    budget_keys = [key for key in ("params_counted", "search") if structure.get(key) is not None]
+    if params is None:
+        if budget_keys:
+            raise ValueError(
+                f"`structure['{budget_keys[0]}']` belongs to a parameter budget, and `params` is not set; add e.g. "
+                "`params=0.6` (the share of the parameters to keep), or drop it."
+            )
+        return {}
+    try:
+        params = float(params)
+    except ValueError:
+        raise ValueError(f"`structure['params']` is the share of the parameters to keep, got {params!r}.") from None
+    if not 0.0 < params < 1.0:
+        raise ValueError(
+            f"`structure['params']` is the share of the parameters to keep; it must be in (0, 1), got {params}."
+        )
+    counted = structure.get("params_counted") or "all"
+    if counted not in PARAMS_COUNTED:
+        raise ValueError(f"`structure['params_counted']` must be one of {PARAMS_COUNTED}, got {counted!r}.")
+    search = structure.get("search")
+    axes = None
+    if search is not None:
+        names = search.split("+") if isinstance(search, str) else list(search)
+        unknown = [name for name in names if name not in BUDGET_AXES]
+        if unknown or not names:
+            raise ValueError(
+                f"`structure['search']`={search!r} names unknown axes {unknown}; join some of "
+                f"{', '.join(BUDGET_AXES)} with '+', e.g. 'search=mlp+heads'."
+            )
+        axes = [axis for axis in BUDGET_AXES if axis in names]
+    fixed = [axis for axis in axes or BUDGET_AXES if parsed[axis]]
+    if fixed:
+        others = "+".join(axis for axis in axes or BUDGET_AXES if axis not in fixed) or "mlp"
+        raise ValueError(
+            f"`structure['{fixed[0]}']`={parsed[fixed[0]]} fixes an axis that `params`={params} searches; give one "
+            f"or the other: drop `{fixed[0]}`, or keep it and search only the other axes, e.g. 'search={others}'."
+        )
+    return {"params": params, "params_counted": counted, "search": axes}
