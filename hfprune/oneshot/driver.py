@@ -133,6 +133,7 @@ def prune(
 def _prune_calibrated(run: CalibrationRun, block_targets, method, config, calibration, tokenizer, report) -> None:
     if calibration is None:
         raise ValueError(f"`method`={method.name!r} needs calibration data; pass `calibration=` (CLI: --calibration).")
+    _check_runnable_dtype(run)
     tokens = run.windows(
         calibration, tokenizer, config.num_calibration_samples, config.calibration_seq_len, config.calibration_seed
     )  # (samples / world_size, seq_len) on each rank
@@ -152,6 +153,23 @@ def _prune_calibrated(run: CalibrationRun, block_targets, method, config, calibr
             inputs.hidden.clear()
             raise _failed_in_block(e, index, targets, report) from e
     inputs.hidden.clear()
+
+
+def _check_runnable_dtype(run: CalibrationRun) -> None:
+    r"""One small product in the blocks' dtype on the pruning device, before any calibration pass: a dtype the device
+    has no kernels for fails here, with the fix, instead of deep in a forward pass. (Statistics and solves run in
+    float32 whatever the model's dtype; the forward passes run in the model's.)"""
+    dtype = next((p.dtype for p in run.blocks[0].parameters() if p.is_floating_point()), None)
+    if dtype is None or dtype == torch.float32:
+        return
+    probe = torch.ones(2, 8, dtype=dtype, device=run.device)
+    try:
+        torch.nn.functional.linear(probe, probe)
+    except RuntimeError as e:
+        raise ValueError(
+            f"the model's weights are {dtype}, which {run.device} cannot compute with ({e}); load the model with "
+            "`dtype=torch.float32` (or torch.bfloat16) before pruning it."
+        ) from e
 
 
 def _failed_in_block(error: Exception, index: int, targets: dict, report: PruningReport) -> Exception:
