@@ -27,7 +27,19 @@ ALLOWED = {
     "training": {"calibration", "checkpoints", "config", "models", "oneshot", "sparsity", "utils"},
     "integrations": {"checkpoints", "config", "models", "sparsity", "training", "utils"},
     "evaluation": {"calibration", "models", "sparsity"},
-    "analysis": {"calibration", "checkpoints", "config", "evaluation", "models", "oneshot", "sparsity", "utils"},
+    # the prunability sweep prunes (oneshot, structured) and fine-tunes (training) every cell it measures
+    "analysis": {
+        "calibration",
+        "checkpoints",
+        "config",
+        "evaluation",
+        "models",
+        "oneshot",
+        "sparsity",
+        "structured",
+        "training",
+        "utils",
+    },
 }
 TOP = {"__init__", "__main__", "commands"}  # the command line may import any part
 

@@ -1,88 +1,73 @@
-r"""Where pruning hurts: a dense and a pruned model compared on the same evaluation tokens.
+r"""Where pruning hurts: one dense model and one or several pruned ones compared on the same evaluation tokens.
 
 ```
 eval text ─► tokens ─► non-overlapping windows (the perplexity protocol of `hfprune.evaluation`)
-                          │
-      for each batch:     ├─► dense model  ─► per-token NLL, every block's output, the final hidden state
-                          └─► pruned model ─► the same
-                          ─► per block: token cosine (all tokens), rows kept for CKA (a fixed token sample)
-                          ─► per token: loss increase = pruned NLL - dense NLL
-report: per-layer sparsity (+ recorded reconstruction error), per-block cosine and linear CKA, the loss-increase
-        distribution, the most and least damaged windows (decoded), dense and pruned perplexity
+   clean pass, every model on every batch (model_pass.py):
+      per token:  NLL; last-layer geometry: angle to the target's output embedding, ||h||, margin, top-1
+      per block:  token cosine with the dense output (all tokens), rows for linear CKA (a fixed token sample)
+   per corruption (robustness.py): the same models on corrupted windows: NLL, top-1
+report, per pruned model: perplexity, per-layer sparsity (+ recorded reconstruction error), per-block cosine and CKA,
+        the loss-increase distribution (pruned NLL - dense NLL), geometry and flips, corrupted-input results, the
+        most and least damaged windows;
+        across models (damage.py): fragile and robust tokens and windows, method similarity
 ```
 
-Block outputs are read with forward hooks on the decoder blocks (so the last block is its own output, not the
-final norm that `output_hidden_states` applies to the last entry); the final hidden state, the input of the LM head,
-is reported as one more row.
+Every model is held in memory (and on its device) at once: the dense model's block outputs of a batch are compared
+with each pruned model's while they exist.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..models import find_decoder_blocks, is_prunable, weight_view
-from ..sparsity import sparsity_of
-from .report import BlockSimilarity, ComparisonReport, LayerComparison, LossIncrease, WindowDamage
-from .similarity import linear_cka, token_cosine_similarity
+from ..models import find_decoder_blocks
+from .damage import fragility, method_similarity
+from .model_pass import BlockSimilarityAccumulator, check_logit_transform, run_models
+from .multi_report import MultiComparisonReport
+from .report import ComparisonReport
+from .robustness import check_corruptions, corrupted_windows, corruption_results, fill_id
+from .summaries import (
+    HISTOGRAM_BINS,
+    damaged_windows,
+    geometry_change,
+    geometry_edges,
+    geometry_summary,
+    layer_comparison,
+    loss_increase_summary,
+)
 
 
-QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-HISTOGRAM_BINS = 50
+DEFAULT_DAMAGE_THRESHOLD = math.log(2)  # nats: the target's probability at least halved
 
 
-@torch.no_grad()
 def compare(
     dense_model: nn.Module,
     pruned_model: nn.Module,
     tokenizer=None,
     data=None,
     *,
-    seq_len: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 8,
-    output_dir: str | os.PathLike | None = None,
+    name: str = "pruned",
     record=None,
-    cka_tokens: int = 4096,
-    num_windows_shown: int = 3,
-    max_text_chars: int = 300,
-    plots: bool = True,
-    progress: bool = False,
+    **options,
 ) -> ComparisonReport:
-    r"""Compares a dense and a pruned model on the same evaluation windows and reports where the pruned one differs.
+    r"""Compares a dense and a pruned model on the same evaluation windows: [`compare_models`] with one pruned model.
 
     Args:
         dense_model (`transformers.PreTrainedModel`): the model before pruning.
         pruned_model (`transformers.PreTrainedModel`): the same architecture after pruning (same tokenizer).
-        tokenizer (*optional*): tokenizes `data` when it is text, and decodes the windows shown in the report.
-        data: what [`~hfprune.perplexity`] reads: a text file, saved dataset folder (its `"test"` split), dataset
-            name, list of strings, or a 1D `LongTensor` of ids.
-        seq_len (`int`, *optional*): window length; default `min(2048, the model's max positions)`.
-        max_windows (`int`, *optional*): evaluate only the first windows.
-        batch_size (`int`, *optional*, defaults to 8): windows per forward pass.
-        output_dir (`str`, *optional*): write `report.md`, `report.json` and the PNG plots there.
-        record (*optional*): the pruning record, for each module's pattern and reconstruction error: a
-            [`PruningReport`] or the contents of `pruning_config.json`. Default: `pruned_model.pruning_record`, which
-            [`~hfprune.load_pretrained`] attaches.
-        cka_tokens (`int`, *optional*, defaults to 4096): tokens, evenly spaced over all evaluated tokens, on which
-            linear CKA is computed (it needs every sampled token's hidden state of every block at once; the cosine
-            uses all tokens).
-        num_windows_shown (`int`, *optional*, defaults to 3): how many most and least damaged windows to show.
-        max_text_chars (`int`, *optional*, defaults to 300): windows are decoded and shortened to this many characters.
-        plots (`bool`, *optional*, defaults to `True`): draw the PNG plots into `output_dir` (needs matplotlib).
-        progress (`bool`, *optional*, defaults to `False`): show a progress bar over batches.
+        tokenizer (*optional*), data: as in [`compare_models`].
+        name (`str`, *optional*, defaults to `"pruned"`): how the report names the pruned model.
+        record (*optional*): its pruning record (a [`PruningReport`] or the contents of `pruning_config.json`).
+        options: the keyword options of [`compare_models`] (`seq_len`, `output_dir`, `corruptions`, ...).
 
     Returns:
-        [`ComparisonReport`]: perplexities, per-layer sparsity, per-block cosine and CKA, the loss-increase
-        distribution and the most and least damaged windows.
+        [`ComparisonReport`]: the pruned model's part of the comparison (`output_dir` gets the whole report).
 
     Example:
         ```python
@@ -91,9 +76,75 @@ def compare(
         >>> report.pruned_perplexity, [round(b.cka, 3) for b in report.blocks]
         ```
     """
-    from ..calibration.data import resolve_seq_len
+    report = compare_models(dense_model, {name: pruned_model}, tokenizer, data, records=[record], **options)
+    return report.models[0]
+
+
+@torch.no_grad()
+def compare_models(
+    dense_model: nn.Module,
+    pruned_models: Mapping[str, nn.Module] | Sequence[nn.Module],
+    tokenizer=None,
+    data=None,
+    *,
+    records: Sequence | None = None,
+    seq_len: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    output_dir: str | os.PathLike | None = None,
+    cka_tokens: int = 4096,
+    corruptions: Sequence[str] = (),
+    severity: float = 0.1,
+    corruption_seed: int = 0,
+    damage_threshold: float = DEFAULT_DAMAGE_THRESHOLD,
+    num_windows_shown: int = 3,
+    num_tokens_shown: int = 10,
+    max_text_chars: int = 300,
+    plots: bool = True,
+    progress: bool = False,
+) -> MultiComparisonReport:
+    r"""Compares one dense model with one or several pruned versions of it on the same evaluation windows.
+
+    Args:
+        dense_model (`transformers.PreTrainedModel`): the model before pruning.
+        pruned_models (`dict[str, PreTrainedModel]` or `list`): the pruned models by name (a list is named
+            `"pruned"`, or `"pruned 1"`, `"pruned 2"`, ...); the same architecture and tokenizer.
+        tokenizer (*optional*): tokenizes `data` when it is text, and decodes the windows and tokens shown.
+        data: what [`~hfprune.perplexity`] reads: a text file, saved dataset folder (its `"test"` split), dataset
+            name, list of strings, or a 1D `LongTensor` of ids.
+        records (`list`, *optional*): each pruned model's pruning record ([`PruningReport`] or the contents of
+            `pruning_config.json`), for patterns and reconstruction errors; default `model.pruning_record`, which
+            [`~hfprune.load_pretrained`] attaches.
+        seq_len (`int`, *optional*): window length; default `min(2048, the model's max positions)`.
+        max_windows (`int`, *optional*): evaluate only the first windows.
+        batch_size (`int`, *optional*, defaults to 8): windows per forward pass.
+        output_dir (`str`, *optional*): write `report.md`, `report.json` and the PNG plots there.
+        cka_tokens (`int`, *optional*, defaults to 4096): tokens, evenly spaced over all evaluated tokens, on which
+            linear CKA is computed (the cosine uses all tokens).
+        corruptions (`list[str]`, *optional*): also run every model on corrupted copies of the data, one per name
+            of [`~hfprune.analysis.corruptions.CORRUPTIONS`] ([`~hfprune.analysis.robustness`]).
+        severity (`float`, *optional*, defaults to 0.1): probability that one character or token is corrupted.
+        corruption_seed (`int`, *optional*, defaults to 0): seed of the corruptions.
+        damage_threshold (`float`, *optional*, defaults to `ln 2`): loss increase (nats) from which a token counts as
+            damaged by a model ([`~hfprune.analysis.damage`]).
+        num_windows_shown (`int`, *optional*, defaults to 3): most and least damaged windows shown per model, and
+            fragile and robust windows.
+        num_tokens_shown (`int`, *optional*, defaults to 10): fragile tokens, and fragile and robust vocabulary
+            entries, shown.
+        max_text_chars (`int`, *optional*, defaults to 300): windows are decoded and shortened to this many characters.
+        plots (`bool`, *optional*, defaults to `True`): draw the PNG plots into `output_dir` (needs matplotlib).
+        progress (`bool`, *optional*, defaults to `False`): show progress bars over batches.
+
+    Returns:
+        [`MultiComparisonReport`]
+    """
+    from ..calibration.data import load_text, resolve_seq_len
     from ..evaluation import evaluation_windows
 
+    names, models = _named(pruned_models)
+    records = [None] * len(models) if records is None else list(records)
+    if len(records) != len(models):
+        raise ValueError(f"{len(records)} `records` for {len(models)} pruned models; give one per model (or None).")
     if plots and output_dir is not None:
         from .plots import MATPLOTLIB_MISSING, is_matplotlib_available
 
@@ -101,186 +152,118 @@ def compare(
             raise ImportError(MATPLOTLIB_MISSING + " Or pass `plots=False`.")
     if data is None:
         raise ValueError("`data` is required: evaluation text, a dataset, or a LongTensor of ids.")
-    if cka_tokens < 2:
-        raise ValueError(f"`cka_tokens`={cka_tokens} must be at least 2.")
+    for option, value, low in (
+        ("cka_tokens", cka_tokens, 2),
+        ("batch_size", batch_size, 1),
+        ("max_windows", max_windows, 1),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"`{option}`={value} must be at least {low}.")
+    if not damage_threshold > 0:
+        raise ValueError(f"`damage_threshold`={damage_threshold} must be > 0 (nats of loss increase).")
+    corruptions = check_corruptions(corruptions or (), severity, data)
     seq_len = resolve_seq_len(dense_model, seq_len)
     if seq_len < 2:
         raise ValueError(f"`seq_len`={seq_len} must be at least 2 (one predicted token per window).")
-    ids = evaluation_windows(data, tokenizer, seq_len, max_windows)  # (windows, seq_len)
-    windows = ids.shape[0]
-
-    dense_blocks = find_decoder_blocks(dense_model)[1]
-    pruned_blocks = find_decoder_blocks(pruned_model)[1]
-    if len(dense_blocks) != len(pruned_blocks):
-        raise ValueError(
-            f"the dense model has {len(dense_blocks)} decoder blocks and the pruned one {len(pruned_blocks)}; "
-            "compare needs the same architecture."
-        )
-    names = [f"block {i}" for i in range(len(dense_blocks))] + ["final hidden state"]
-    # Token positions (over the flattened (windows, seq_len) ids) whose hidden states are kept for CKA.
-    total = windows * seq_len
-    sample = torch.linspace(0, total - 1, min(cka_tokens, total)).round().long().unique()  # (cka_tokens,)
-
-    cosine_sums = [0.0] * len(names)
-    cka_rows_dense: list[list[torch.Tensor]] = [[] for _ in names]
-    cka_rows_pruned: list[list[torch.Tensor]] = [[] for _ in names]
-    dense_nll, pruned_nll = [], []  # (b, seq_len - 1) per batch
-    models = ((dense_model, dense_blocks), (pruned_model, pruned_blocks))
-    was_training = [model.training for model, _ in models]
-    for model, _ in models:
-        model.eval()
-    try:
-        for start in tqdm(range(0, windows, batch_size), desc="compare", disable=not progress, unit="batch"):
-            batch = ids[start : start + batch_size]  # (b, seq_len)
-            (nll_d, hidden_d), (nll_p, hidden_p) = (_forward(m, blocks, batch) for m, blocks in models)
-            dense_nll.append(nll_d.cpu())
-            pruned_nll.append(nll_p.cpu())
-            offset = start * seq_len
-            picked = sample[(sample >= offset) & (sample < offset + batch.numel())] - offset  # flat positions in batch
-            for i, (h_d, h_p) in enumerate(zip(hidden_d, hidden_p, strict=True)):
-                h_p = h_p.to(h_d.device)
-                cosine_sums[i] += float(token_cosine_similarity(h_d, h_p).sum())
-                flat_d = h_d.reshape(-1, h_d.shape[-1])  # (b * seq_len, hidden)
-                flat_p = h_p.reshape(-1, h_p.shape[-1])
-                cka_rows_dense[i].append(flat_d[picked.to(h_d.device)].float().cpu())
-                cka_rows_pruned[i].append(flat_p[picked.to(h_d.device)].float().cpu())
-            del hidden_d, hidden_p
-    finally:
-        for (model, _), training in zip(models, was_training, strict=True):
-            model.train(training)
-
-    dense_nll_all = torch.cat(dense_nll)  # (windows, seq_len - 1), float32
-    pruned_nll_all = torch.cat(pruned_nll)
-    increase = pruned_nll_all.double() - dense_nll_all.double()  # (windows, seq_len - 1)
-    num_tokens = increase.numel()
-    blocks = [
-        BlockSimilarity(
-            name=name,
-            cosine=cosine_sums[i] / total,
-            cka=linear_cka(torch.cat(cka_rows_dense[i]), torch.cat(cka_rows_pruned[i])),
-        )
-        for i, name in enumerate(names)
-    ]
-    window_increases = increase.mean(1)  # (windows,)
-    order = torch.argsort(window_increases, descending=True, stable=True).tolist()
-    shown = min(num_windows_shown, windows)
-
-    def window(index: int) -> WindowDamage:
-        return WindowDamage(
-            index=index,
-            mean_increase=float(window_increases[index]),
-            dense_nll=float(dense_nll_all[index].double().mean()),
-            pruned_nll=float(pruned_nll_all[index].double().mean()),
-            text=_shorten(_decode(tokenizer, ids[index]), max_text_chars),
-        )
-
-    return _finish(
-        ComparisonReport(
-            dense_perplexity=math.exp(float(dense_nll_all.double().mean())),
-            pruned_perplexity=math.exp(float(pruned_nll_all.double().mean())),
-            seq_len=seq_len,
-            num_windows=windows,
-            num_tokens=num_tokens,
-            cka_tokens=int(sample.numel()),
-            layers=layer_comparison(pruned_model, record),
-            blocks=blocks,
-            loss_increase=loss_increase_summary(increase),
-            window_increases=window_increases.tolist(),
-            most_damaged=[window(i) for i in order[:shown]],
-            least_damaged=[window(i) for i in reversed(order[len(order) - shown :])],
-        ),
-        output_dir,
-        plots,
-    )
-
-
-def layer_comparison(model: nn.Module, record=None) -> list[LayerComparison]:
-    r"""Every `nn.Linear` / `Conv1D` of `model` with its measured sparsity, plus the recorded pattern and
-    reconstruction error of the modules the record names (`record`: a [`PruningReport`], the contents of
-    `pruning_config.json`, or `None` for `model.pruning_record`)."""
-    if record is None:
-        record = getattr(model, "pruning_record", None)
-    recorded = _recorded_modules(record)
-    layers = []
-    for name, module in model.named_modules():
-        if not is_prunable(module):
-            continue
-        entry = recorded.get(name, {})
-        error = entry.get("error")
-        layers.append(
-            LayerComparison(
-                name=name,
-                sparsity=sparsity_of(weight_view(module).detach()),
-                pattern=entry.get("pattern"),
-                error=None if error is None else float(error),
+    blocks = [find_decoder_blocks(model)[1] for model in (dense_model, *models)]
+    for name, model_blocks in zip(names, blocks[1:], strict=True):
+        if len(model_blocks) != len(blocks[0]):
+            raise ValueError(
+                f"the dense model has {len(blocks[0])} decoder blocks and {name!r} {len(model_blocks)}; compare needs "
+                "the same architecture."
             )
+    needs_text = any(not isinstance(data, torch.Tensor) and c != "token_dropout" for c in corruptions)
+    text = load_text(data, split="test") if needs_text else None
+    ids = evaluation_windows([text] if needs_text else data, tokenizer, seq_len, max_windows)  # (windows, seq_len)
+    # Corrupted windows first (cheap): a corruption that leaves less than one window fails before any model runs.
+    noisy = {
+        c: corrupted_windows(c, text, ids, tokenizer, severity, corruption_seed, max_windows) for c in corruptions
+    }
+    all_models = [dense_model, *models]
+    for model in all_models:
+        check_logit_transform(model, ids)
+
+    total = ids.numel()
+    sample = torch.linspace(0, total - 1, min(cka_tokens, total)).round().long().unique()  # (cka_tokens,)
+    block_names = [f"block {i}" for i in range(len(blocks[0]))] + ["final hidden state"]
+    similarity = BlockSimilarityAccumulator(block_names, sample, len(models))
+    clean = run_models(all_models, ids, ids, batch_size, blocks, similarity, progress)
+    corrupted = {}
+    for corruption, (inputs, targets) in noisy.items():
+        outputs = run_models(all_models, inputs, targets, batch_size, progress=progress, desc=corruption)
+        corrupted[corruption] = corruption_results(corruption, severity, corruption_seed, clean, outputs)
+
+    increases = [out.nll.double() - clean[0].nll.double() for out in clean[1:]]  # (windows, seq_len - 1) each
+    loss_edges = np.histogram_bin_edges(torch.cat([i.reshape(-1) for i in increases]).numpy(), bins=HISTOGRAM_BINS)
+    edges = geometry_edges(clean)
+    dense_geometry = geometry_summary(clean[0].geometry, edges)
+    dense_ppl = math.exp(float(clean[0].nll.double().mean()))
+    reports = []
+    for m, (name, model, record) in enumerate(zip(names, models, records, strict=True)):
+        report = ComparisonReport(
+            dense_perplexity=dense_ppl,
+            pruned_perplexity=math.exp(float(clean[m + 1].nll.double().mean())),
+            seq_len=seq_len,
+            num_windows=ids.shape[0],
+            num_tokens=increases[m].numel(),
+            cka_tokens=int(sample.numel()),
+            layers=layer_comparison(model, record),
+            blocks=similarity.result(m),
+            loss_increase=loss_increase_summary(increases[m], loss_edges),
+            window_increases=increases[m].mean(1).tolist(),
+            most_damaged=[],
+            least_damaged=[],
+            name=name,
+            geometry=geometry_change(clean[0], clean[m + 1], dense_geometry, edges),
+            corruptions=[results[m] for results in corrupted.values()],
         )
-    return layers
-
-
-def loss_increase_summary(increase: torch.Tensor, bins: int = HISTOGRAM_BINS) -> LossIncrease:
-    r"""Mean, standard deviation, quantiles and histogram of per-token loss increases (any shape, flattened)."""
-    values = increase.reshape(-1).double().cpu().numpy()
-    counts, edges = np.histogram(values, bins=bins)
-    return LossIncrease(
-        mean=float(values.mean()),
-        std=float(values.std()),
-        fraction_increased=float((values > 0).mean()),
-        quantiles={f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)},
-        histogram_edges=[float(e) for e in edges],
-        histogram_counts=[int(c) for c in counts],
+        damaged_windows(report, clean[0], clean[m + 1], ids, tokenizer, num_windows_shown, max_text_chars)
+        reports.append(report)
+    report = MultiComparisonReport(
+        dense_perplexity=dense_ppl,
+        seq_len=seq_len,
+        num_windows=ids.shape[0],
+        num_tokens=increases[0].numel(),
+        cka_tokens=int(sample.numel()),
+        models=reports,
+        fragility=fragility(
+            names,
+            clean[0],
+            clean[1:],
+            ids,
+            tokenizer,
+            damage_threshold,
+            num_tokens_shown,
+            num_windows_shown,
+            max_text_chars,
+        ),
+        similarity=method_similarity(names, [i.reshape(-1) for i in increases], damage_threshold)
+        if len(models) > 1
+        else None,
+        token_dropout_fill_id=fill_id(tokenizer) if "token_dropout" in corruptions else None,
     )
+    if output_dir is not None:
+        report.save(output_dir, plots=plots)
+    return report
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _forward(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    r"""Per-token NLL `(b, seq_len - 1)` in float32, and the hidden states: every block's output, then the final one."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    outputs: list[torch.Tensor] = []
-
-    def hook(_, __, out):
-        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-
-    handles = [block.register_forward_hook(hook) for block in blocks]
-    try:
-        result = model(input_ids=batch, use_cache=False, output_hidden_states=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(outputs) != len(blocks):
-        raise RuntimeError(f"{len(outputs)} block outputs were recorded for {len(blocks)} blocks.")
-    logits = result.logits.float()  # (b, seq_len, vocab)
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-    ).view(batch.shape[0], -1)  # (b, seq_len - 1)
-    return nll, [*outputs, result.hidden_states[-1]]
-
-
-def _recorded_modules(record) -> dict[str, dict]:
-    if record is None:
-        return {}
-    modules = record.get("modules") if isinstance(record, dict) else getattr(record, "modules", None)
-    out = {}
-    for name, entry in (modules or {}).items():
-        out[name] = entry if isinstance(entry, dict) else asdict(entry)
-    return out
-
-
-def _decode(tokenizer, ids: torch.Tensor) -> str:
-    if tokenizer is None:
-        return " ".join(str(i) for i in ids.tolist())
-    return tokenizer.decode(ids.tolist())
-
-
-def _shorten(text: str, max_chars: int) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
-
-
-def _finish(report: ComparisonReport, output_dir, plots: bool) -> ComparisonReport:
-    if output_dir is not None:
-        report.save(output_dir, plots=plots)
-    return report
+def _named(pruned_models) -> tuple[list[str], list[nn.Module]]:
+    if isinstance(pruned_models, nn.Module):
+        raise TypeError("`pruned_models` is a dict of name -> model or a list of models; use `compare` for one model.")
+    if isinstance(pruned_models, Mapping):
+        names, models = [str(n) for n in pruned_models], list(pruned_models.values())
+    else:
+        models = list(pruned_models)
+        names = ["pruned"] if len(models) == 1 else [f"pruned {i + 1}" for i in range(len(models))]
+    if not models:
+        raise ValueError("`pruned_models` is empty: give at least one pruned model.")
+    bad = [n for n in names if not n.strip() or n.strip().lower() == "dense"]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"pruned model names must be unique, non-empty and not 'dense' (the report's name for the dense model); "
+            f"got {names}."
+        )
+    return names, models

@@ -1,23 +1,15 @@
-r"""[`ComparisonReport`]: what [`~hfprune.analysis.compare`] measured, as JSON, a markdown page and PNG plots."""
+r"""What [`~hfprune.analysis.compare`] measured for one pruned model against the dense one: plain dataclasses.
+
+The report of a whole comparison (one or several pruned models, the cross-model views, the files) is
+[`~hfprune.analysis.multi_report.MultiComparisonReport`].
+"""
 
 from __future__ import annotations
 
-import math
-import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
-
-
-PLOT_FILES = {
-    "layers": "layers.png",
-    "blocks": "blocks.png",
-    "loss_increase": "loss_increase.png",
-}
-REPORT_MARKDOWN = "report.md"
-REPORT_JSON = "report.json"
+from ..utils.files import finite_floats
 
 
 @dataclass
@@ -28,7 +20,12 @@ class LayerComparison:
     pattern: str | None = None
     """The recorded target (`"2:4"`, `"0.5"`), for modules the pruning record names."""
     error: float | None = None
-    """The method's reconstruction error, when the pruning record has one."""
+    """The method's reconstruction error, when the pruning record has one: `2/n ||(W - W_hat) X||_F^2` over the
+    calibration inputs `X` (n tokens), summed over output rows; SparseGPT's is its OBS estimate of it."""
+    block: int | None = None
+    """Index of the decoder block that holds the module; `None` outside the blocks (`lm_head`)."""
+    kind: str | None = None
+    """The module's name inside its block (`"self_attn.q_proj"`); `None` outside the blocks."""
 
 
 @dataclass
@@ -60,12 +57,84 @@ class LossIncrease:
     """Fraction of tokens whose loss went up."""
     quantiles: dict[str, float]
     histogram_edges: list[float]
+    """Bin edges; the same for every pruned model of one comparison."""
     histogram_counts: list[int]
 
 
 @dataclass
+class Distribution:
+    mean: float
+    quantiles: dict[str, float]
+    histogram_edges: list[float]
+    """Bin edges; the same for the dense and every pruned model of one comparison."""
+    histogram_counts: list[int]
+
+
+@dataclass
+class GeometrySummary:
+    r"""The last-layer geometry of one model over every predicted token ([`~hfprune.analysis.geometry`])."""
+
+    top1_accuracy: float
+    """Fraction of predicted tokens whose top-1 prediction is the target."""
+    angle: Distribution
+    """Angle in degrees between the final hidden state `h` and the target's output-embedding row."""
+    norm: Distribution
+    """`||h||`."""
+    margin: Distribution
+    """Target logit minus the largest other logit (> 0 exactly when the top-1 prediction is right)."""
+
+
+@dataclass
+class GeometryChange:
+    r"""How the pruned model's last-layer geometry differs from the dense model's on the same tokens."""
+
+    dense: GeometrySummary
+    pruned: GeometrySummary
+    flips: float
+    """Fraction of predicted tokens whose top-1 prediction differs from the dense model's."""
+    correct_to_wrong: float
+    """Fraction of tokens the dense model predicts right (top-1) and the pruned one wrong."""
+    wrong_to_correct: float
+    """Fraction of tokens the dense model predicts wrong and the pruned one right."""
+    mean_angle_change: float
+    """Mean over tokens of pruned angle - dense angle, in degrees (> 0: further from the target's direction)."""
+    median_norm_ratio: float
+    """Median over tokens of `||h_pruned|| / ||h_dense||`."""
+    mean_margin_change: float
+    """Mean over tokens of pruned margin - dense margin."""
+    angle_change: Distribution
+    """Per-token pruned angle - dense angle (degrees); bins shared by the pruned models."""
+    margin_change: Distribution
+    """Per-token pruned margin - dense margin; bins shared by the pruned models."""
+
+
+@dataclass
+class CorruptionResult:
+    r"""The dense and the pruned model on one corrupted copy of the evaluation data."""
+
+    name: str
+    """The corruption ([`~hfprune.analysis.corruptions.CORRUPTIONS`])."""
+    severity: float
+    seed: int
+    num_windows: int
+    num_tokens: int
+    dense_perplexity: float
+    pruned_perplexity: float
+    dense_nll_increase: float
+    """Mean NLL per token on the corrupted data minus on the clean data, dense model (nats)."""
+    pruned_nll_increase: float
+    """The same for the pruned model."""
+    extra_nll_increase: float
+    """`pruned_nll_increase - dense_nll_increase`: > 0 when the corruption costs the pruned model more."""
+    flips: float
+    """Fraction of tokens whose top-1 prediction differs from the dense model's on the same corrupted input."""
+    dense_top1_accuracy: float
+    pruned_top1_accuracy: float
+
+
+@dataclass
 class ComparisonReport:
-    r"""Everything [`compare`] measured. `to_dict()` holds every number; `save(folder)` writes the report files."""
+    r"""Everything [`compare`] measured for one pruned model. `to_dict()` holds every number."""
 
     dense_perplexity: float
     pruned_perplexity: float
@@ -82,126 +151,12 @@ class ComparisonReport:
     """Mean loss increase of every evaluated window, in order."""
     most_damaged: list[WindowDamage]
     least_damaged: list[WindowDamage]
+    name: str = "pruned"
+    """How the report names this model."""
+    geometry: GeometryChange | None = None
+    corruptions: list[CorruptionResult] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
-    """Files written by `save`, by kind."""
+    """Files written for the comparison, by kind."""
 
     def to_dict(self) -> dict[str, Any]:
         return finite_floats(asdict(self))
-
-    def save(self, output_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:
-        r"""Writes `report.md`, `report.json` and (with `plots=True`) the PNG plots into `output_dir`, each file
-        atomically. Returns the paths written, by kind (also kept in `self.files`)."""
-        output_dir = os.fspath(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        files = {}
-        if plots:
-            from .plots import plot_blocks, plot_histogram, plot_layers
-
-            files["layers"] = plot_layers(
-                [layer.name for layer in self.layers],
-                [layer.sparsity for layer in self.layers],
-                [layer.error for layer in self.layers],
-                os.path.join(output_dir, PLOT_FILES["layers"]),
-            )
-            files["blocks"] = plot_blocks(
-                [block.name for block in self.blocks],
-                [block.cosine for block in self.blocks],
-                [block.cka for block in self.blocks],
-                os.path.join(output_dir, PLOT_FILES["blocks"]),
-            )
-            files["loss_increase"] = plot_histogram(
-                self.loss_increase.histogram_edges,
-                self.loss_increase.histogram_counts,
-                os.path.join(output_dir, PLOT_FILES["loss_increase"]),
-            )
-        markdown_path = os.path.join(output_dir, REPORT_MARKDOWN)
-        json_path = os.path.join(output_dir, REPORT_JSON)
-        files["markdown"] = os.path.abspath(markdown_path)
-        files["json"] = os.path.abspath(json_path)
-        self.files = files
-        write_text_atomic(markdown_path, self.to_markdown(plots=plots))
-        write_json_atomic(json_path, self.to_dict())
-        return files
-
-    def to_markdown(self, plots: bool = True) -> str:
-        r"""The report page: summary, loss-increase distribution, per-block similarity, per-layer sparsity, and the
-        most and least damaged windows; with `plots=True` it links the PNG files `save` writes beside it."""
-        lines = [
-            "# Dense vs pruned",
-            "",
-            "| | dense | pruned | change |",
-            "| --- | ---: | ---: | ---: |",
-            (
-                f"| perplexity | {self.dense_perplexity:.4f} | {self.pruned_perplexity:.4f} | "
-                f"{_relative(self.pruned_perplexity, self.dense_perplexity)} |"
-            ),
-            "",
-            (
-                f"{self.num_windows} windows of {self.seq_len} tokens ({self.num_tokens} predicted tokens); linear "
-                f"CKA over {self.cka_tokens} evenly spaced tokens."
-            ),
-            "",
-            "## Per-token loss increase (pruned NLL - dense NLL, nats)",
-            "",
-            (
-                f"Mean {self.loss_increase.mean:.4f}, std {self.loss_increase.std:.4f}; the loss went up on "
-                f"{100 * self.loss_increase.fraction_increased:.1f}% of the tokens."
-            ),
-            "",
-            "| quantile | " + " | ".join(self.loss_increase.quantiles) + " |",
-            "| --- |" + " ---: |" * len(self.loss_increase.quantiles),
-            "| increase | " + " | ".join(f"{v:.4f}" for v in self.loss_increase.quantiles.values()) + " |",
-            "",
-        ]
-        if plots:
-            lines += [f"![loss increase histogram]({PLOT_FILES['loss_increase']})", ""]
-        lines += [
-            "## Hidden-state similarity per block",
-            "",
-            "| block | mean token cosine | linear CKA |",
-            "| --- | ---: | ---: |",
-            *(f"| {b.name} | {b.cosine:.6f} | {b.cka:.6f} |" for b in self.blocks),
-            "",
-        ]
-        if plots:
-            lines += [f"![per-block similarity]({PLOT_FILES['blocks']})", ""]
-        lines += [
-            "## Per-layer sparsity",
-            "",
-            "| module | pattern | sparsity | reconstruction error |",
-            "| --- | --- | ---: | ---: |",
-            *(
-                f"| {layer.name} | {layer.pattern or '-'} | {layer.sparsity:.4f} | "
-                f"{'-' if layer.error is None else f'{layer.error:.4g}'} |"
-                for layer in self.layers
-            ),
-            "",
-        ]
-        if plots:
-            lines += [f"![per-layer sparsity and error]({PLOT_FILES['layers']})", ""]
-        for title, windows in (
-            ("Most damaged windows", self.most_damaged),
-            ("Least damaged windows", self.least_damaged),
-        ):
-            lines += [f"## {title}", ""]
-            for w in windows:
-                lines += [
-                    (
-                        f"**window {w.index}**: mean loss increase {w.mean_increase:+.4f} nats (dense NLL "
-                        f"{w.dense_nll:.4f}, pruned {w.pruned_nll:.4f})"
-                    ),
-                    "",
-                    "> " + _escape_markdown(w.text),
-                    "",
-                ]
-        return "\n".join(lines)
-
-
-def _escape_markdown(text: str) -> str:
-    return re.sub(r"([\\`*_{}\[\]<>#|])", r"\\\1", text)
-
-
-def _relative(new: float, old: float) -> str:
-    if not math.isfinite(new) or not math.isfinite(old) or old == 0:
-        return "-"
-    return f"{100 * (new - old) / old:+.2f}%"

@@ -6,11 +6,13 @@ May import every part of hfprune; nothing imports it but `hfprune.__main__` (and
 common.py       CommandError and exit codes, the common options, the dtype table, the one model loader
 launch.py       several processes: the process group under torchrun / accelerate launch, and a barrier
 prune.py        hfprune prune: one-shot sparsity, or a smaller model with --structure
+prune_checks.py what hfprune prune checks before any weight loads
 evaluate.py     hfprune eval: perplexity, and lm-evaluation-harness tasks
 verify.py       hfprune verify: hfprune.verify with an exit status
 report.py       hfprune report: the sparsity of every weight
 compare.py      hfprune compare: where pruning hurts
 sensitivity.py  hfprune sensitivity: one block or module kind pruned at a time
+prunability.py  hfprune prunability: checkpoints at several temperatures x loads, the three regimes (expensive)
 ```
 
 A command module has `HELP`, `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> exit status`; [`COMMANDS`]
@@ -25,7 +27,7 @@ import argparse
 import json
 import sys
 
-from . import compare, evaluate, prune, report, sensitivity, verify
+from . import compare, evaluate, prunability, prune, report, sensitivity, verify
 from .common import EXIT_USAGE, CommandError
 from .launch import process_group
 
@@ -37,6 +39,7 @@ COMMANDS = {
     "report": report,
     "compare": compare,
     "sensitivity": sensitivity,
+    "prunability": prunability,
 }
 MULTI_PROCESS = ("prune",)  # commands that run as one rank of a process group under torchrun
 

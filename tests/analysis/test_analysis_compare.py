@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hfprune import PruningConfig, perplexity, prune
-from hfprune.analysis import compare, linear_cka, token_cosine_similarity
+from hfprune.analysis import compare, compare_models, linear_cka, token_cosine_similarity
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -153,8 +153,9 @@ def test_output_folder_has_the_report_and_valid_pngs(tiny_model, char_tokenizer,
         dense, pruned, char_tokenizer, calibration_text, seq_len=SEQ_LEN, output_dir=out, record=pruning_report
     )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["blocks.png", "layers.png", "loss_increase.png", "report.json", "report.md"]  # no temporaries
-    for name in ("blocks.png", "layers.png", "loss_increase.png"):
+    plots = ["blocks.png", "geometry.png", "layers.png", "loss_increase.png"]  # one pruned model: no similarity.png
+    assert names == [*plots, "report.json", "report.md"]  # no temporaries
+    for name in plots:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE
         with Image.open(out / name) as image:
@@ -176,8 +177,11 @@ def test_output_folder_has_the_report_and_valid_pngs(tiny_model, char_tokenizer,
         assert needle in markdown
     assert report.files["markdown"] == str(out / "report.md")
     # Writing again replaces the files in place.
-    report.save(out, plots=False)
+    compare_models(dense, [pruned], char_tokenizer, calibration_text, seq_len=SEQ_LEN, max_windows=2).save(
+        out, plots=False
+    )
     assert "blocks.png" not in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["num_windows"] == 2
 
 
 def test_compare_rejects_bad_input(tiny_model, text_ids):

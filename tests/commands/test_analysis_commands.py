@@ -57,6 +57,7 @@ def test_compare_command_writes_the_report_and_json(folders, capsys):
         "layers.png",
         "blocks.png",
         "loss_increase.png",
+        "geometry.png",
     }
     layers = {layer["name"]: layer for layer in printed["layers"]}
     # The compact folder was loaded with its record: patterns of the pruned modules, lm_head untouched.
@@ -64,6 +65,69 @@ def test_compare_command_writes_the_report_and_json(folders, capsys):
     assert layers["model.layers.0.mlp.down_proj"]["sparsity"] == 0.5
     assert layers["lm_head"]["pattern"] is None and layers["lm_head"]["sparsity"] == 0.0
     assert printed["pruned_perplexity"] != printed["dense_perplexity"]
+
+
+def test_compare_command_with_several_models_and_corruptions(folders, capsys, tiny_model, char_tokenizer):
+    # A second pruned model, in a folder with the same last name as the first one.
+    dense = tiny_model("llama")
+    config = PruningConfig(method="magnitude", sparsity="0.7")
+    report = prune(dense, config, progress=False)
+    save_pruned(dense, folders / "other" / "pruned", config, report, char_tokenizer)
+    common = ["--data", str(folders / "eval.txt"), "--seq-len", "32", "--max-windows", "6", "--device", "cpu"]
+    args = parse(
+        ["compare", str(folders / "dense"), str(folders / "pruned"), str(folders / "other" / "pruned"), *common]
+        + ["--corruptions", "all", "--severity", "0.2", "--no-plots", "--json", "--quiet"]
+    )
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    names = [str(folders / "pruned"), str(folders / "other" / "pruned")]  # same folder name: whole paths
+    assert [m["name"] for m in printed["models"]] == names
+    assert "pruned_perplexity" not in printed  # several models: per-model numbers only under "models"
+    assert [c["name"] for c in printed["models"][1]["corruptions"]] == [
+        "char_swap",
+        "char_drop",
+        "case_change",
+        "token_dropout",
+    ]
+    assert printed["models"][1]["corruptions"][0]["severity"] == 0.2
+    assert printed["similarity"]["names"] == names
+    assert printed["token_dropout_fill_id"] == char_tokenizer.unk_token_id
+    # --names, and the text summary names every model.
+    args = parse(
+        ["compare", str(folders / "dense"), str(folders / "pruned"), str(folders / "other" / "pruned"), *common]
+        + ["--names", "2:4", "70%", "--output", str(folders / "several"), "--no-plots"]
+    )
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "2:4: perplexity" in text and "70%: perplexity" in text and "fragile tokens" in text
+    markdown = (folders / "several" / "report.md").read_text()
+    assert "# Dense vs 2 pruned models" in markdown and "| 70% | " in markdown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--names", "a"], "--names gives 1 names for 2 pruned models"),
+        (["--names", "2:4", "2:4"], "distinct names"),
+        ([], "distinct names"),  # the same folder twice, no --names
+        (["--names", "a", "dense"], "not 'dense'"),
+        (["--names", "a", "b", "--corruptions", "char_swap", "--severity", "0"], "--severity 0.0 must be in"),
+        (["--names", "a", "b", "--damage-threshold", "-1"], "--damage-threshold -1.0 must be > 0"),
+        (["--names", "a", "b", "--severity", "0.2"], "--severity only apply with --corruptions"),
+        (["--names", "a", "b", "--max-windows", "0"], "--max-windows 0 must be at least 1"),
+    ],
+)
+def test_compare_command_refuses_bad_options_before_loading(folders, extra, message, monkeypatch):
+    from hfprune.commands import compare as command
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(command, "load_model", fail)
+    argv = ["compare", str(folders / "dense"), str(folders / "pruned"), str(folders / "pruned")]
+    args = parse([*argv, "--data", str(folders / "eval.txt"), "--json", *extra])
+    with pytest.raises(CommandError, match=message):
+        args.func(args)
 
 
 def test_compare_command_needs_an_output(folders):
