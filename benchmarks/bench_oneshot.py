@@ -8,6 +8,9 @@ right after pruning) is not inflated by earlier runs:
   (`hfprune.calibration.data.calibration_windows`, seed 0) and handed to both tools as the same token ids; perplexity
   on its whole `eval.txt` at 256 tokens with `hfprune.perplexity`, for both tools (llm-compressor's pruned weights
   are loaded into a fresh copy of the model). Reports perplexity, pruning wall time and peak memory.
+  `--samples`, `--seq-len` (calibration and evaluation windows) and `--eval-windows` (the first N windows of
+  `eval.txt`) change that protocol for another model folder holding `calib.txt` and `eval.txt`, such as the real
+  model that `benchmarks/real_model.py` builds (32 x 512 calibration tokens, the first 32 windows of 512 tokens).
   `--options` adds hfprune's one-shot options for Wanda, SparseGPT and ADMM: `owl` (`sparsity_profile="owl"`,
   unstructured patterns only; llm-compressor's own OWL runs next to it), `dsnot` (`mask_refinement="dsnot"`),
   `sequential` (`true_sequential=True`) and the combinations `owl+dsnot`, `owl+sequential`, with a second table of
@@ -29,10 +32,13 @@ block size 128, dampening 0.01, calibration batch size, every `nn.Linear` of the
     python benchmarks/bench_oneshot.py --skip-llmcompressor --methods sparsegpt wanda
     python benchmarks/bench_oneshot.py --only kdoc --methods wanda sparsegpt admm \
         --options uniform owl dsnot owl+dsnot --output benchmarks/results/oneshot_quality.md
+    python benchmarks/bench_oneshot.py --only kdoc --model .cache/smollm2-135m --samples 32 --seq-len 512 \
+        --eval-windows 32 --methods magnitude wanda sparsegpt --resume --output benchmarks/results/oneshot_smollm2.md
 
 Partial and quick runs write their table under `.cache/bench-oneshot/` unless `--output` says otherwise, so that
 only a full run replaces `benchmarks/results/oneshot.md`; subprocess logs go to `bench.log` in `--work-dir`
-(default `.cache/bench-oneshot/`, which also holds the calibration ids and per-run files).
+(default `.cache/bench-oneshot/` for the default model and `.cache/bench-oneshot-<model folder name>/` for any other,
+which also holds the calibration ids and per-run files).
 
 Timings are only meaningful on an otherwise idle machine; the table records the load average before and after.
 """
@@ -312,8 +318,14 @@ def llmcompressor_job(spec: dict, args, label: str) -> dict:
     if spec.get("option", "uniform") == "owl":
         owl_m, owl_lambda = owl_defaults()
         command += ["--profile", "owl", "--owl-m", str(owl_m), "--owl-lambda", str(owl_lambda)]
-    if not (args.resume and (out_dir / "result.json").is_file()):  # else this run finished before
+    # a finished run is reused under --resume when it was made by this same command (a run from before the command
+    # was recorded is reused as it is)
+    recorded = out_dir / "command.json"
+    same = not recorded.is_file() or json.loads(recorded.read_text()) == command
+    if not (args.resume and (out_dir / "result.json").is_file() and same):
+        (out_dir / "result.json").unlink(missing_ok=True)
         run_logged(command, WORK_DIR / "bench.log", args.threads)
+        recorded.write_text(json.dumps(command))
     result = json.loads((out_dir / "result.json").read_text())
     if spec.get("eval"):  # perplexity with hfprune's own evaluation, in a fresh process (reused under --resume)
         weights = str(out_dir / "pruned.safetensors")
@@ -381,7 +393,7 @@ def run_kdoc(args, log, save) -> dict:
     from hfprune.calibration.data import calibration_windows
 
     model = str(Path(args.model).resolve())
-    samples, seq_len = (16, 256) if args.quick else (128, 256)
+    samples, seq_len = args.samples, args.seq_len
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = calibration_windows(os.path.join(model, "calib.txt"), tokenizer, samples, seq_len, seed=0)
     calibration = WORK_DIR / f"kdoc-calibration-{samples}x{seq_len}.pt"
@@ -393,8 +405,8 @@ def run_kdoc(args, log, save) -> dict:
         "dampening": 0.01,
         "batch_size": args.batch_size,
         "eval": os.path.join(model, "eval.txt"),
-        "seq_len": 256,
-        "max_windows": 64 if args.quick else None,
+        "seq_len": seq_len,
+        "max_windows": args.eval_windows,
     }
     patterns = list(args.patterns or (("0.5", "2:4") if args.quick else KDOC_PATTERNS))
     jobs = plan_kdoc(args, patterns)
@@ -828,6 +840,39 @@ def environment(args) -> list[str]:
     return [f"- machine: {machine}; calibration batch size: {args.batch_size}", f"- versions: {versions}"]
 
 
+def portable_path(path: str) -> str:
+    r"""`path` relative to the repository when it lies inside it, so that a results file names no machine's folders."""
+    absolute = Path(path).resolve()
+    return os.path.relpath(absolute, REPO_ROOT) if absolute.is_relative_to(REPO_ROOT) else path
+
+
+def model_summary(model_path: str) -> str:
+    r"""', <architecture>, <blocks> blocks, ...' from the model's `config.json` (with its parameter count and source
+    when `benchmarks/real_model.py` built it); '' without a readable `config.json`."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    parts = [
+        (config.get("architectures") or [config.get("model_type", "?")])[0],
+        f"{config.get('num_hidden_layers')} blocks",
+        f"hidden {config.get('hidden_size')}, MLP {config.get('intermediate_size')}",
+        f"{config.get('num_attention_heads')}/{config.get('num_key_value_heads')} attention/KV heads",
+        f"vocab {config.get('vocab_size')}",
+        "tied embeddings" if config.get("tie_word_embeddings") else "untied lm_head",
+    ]
+    try:
+        info = json.loads((Path(model_path) / "build_info.json").read_text())
+        parts.insert(0, f"{info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}")
+        parts.append(
+            f"built by `benchmarks/real_model.py` from `{info['source_package']}` {info['source_version']} "
+            f"(`{Path(info['gguf_file']).name}`, dequantized)"
+        )
+    except (OSError, ValueError, KeyError):
+        pass
+    return ", " + ", ".join(parts)
+
+
 def write_report(
     args, command: str, kdoc, wide, load_before, load_after, output: Path, env_lines=None, progress: str = ""
 ) -> str:
@@ -865,14 +910,19 @@ def write_report(
         "",
     ]
     if kdoc is not None:
-        calibration = f"{16 if args.quick else 128} windows x 256 tokens"
-        evaluation = "the first 64 windows of `eval.txt`" if args.quick else "all of `eval.txt`"
+        calibration = f"{args.samples} windows x {args.seq_len} tokens"
+        evaluation = (
+            f"the first {args.eval_windows} windows of `eval.txt`" if args.eval_windows else "all of `eval.txt`"
+        )
         lines += [
             f"## Perplexity: {Path(args.model).name}",
             "",
+            f"Model: `{portable_path(args.model)}`{model_summary(args.model)}.",
+            "",
             (
                 f"Calibration: {calibration} from `calib.txt` (`hfprune.calibration.data.calibration_windows`, seed 0), "
-                f"the same token ids for both tools. Perplexity: {evaluation}, non-overlapping windows of 256 tokens, "
+                f"the same token ids for both tools. Perplexity: {evaluation}, non-overlapping windows of "
+                f"{args.seq_len} tokens, "
                 "`hfprune.perplexity` for every row (llm-compressor's pruned weights are loaded into a fresh copy of "
                 "the model). SparseGPT: block size 128, dampening 0.01. Pruned: every `nn.Linear` of the decoder "
                 "layers."
@@ -940,6 +990,17 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 16 calibration windows, 64 eval windows, small wide model"
     )
+    parser.add_argument(
+        "--samples", type=int, help="kdoc: calibration windows drawn from calib.txt (default 128; --quick: 16)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=256, help="kdoc: tokens per calibration and evaluation window (default 256)"
+    )
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        help="kdoc: perplexity on the first N windows of eval.txt (default: all of it; --quick: 64)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward, both tools")
     parser.add_argument(
@@ -956,7 +1017,9 @@ def main() -> None:
         "mask_refinement='dsnot'; sequential = true_sequential=True; a '+' joins two). Default: uniform",
     )
     parser.add_argument(
-        "--work-dir", default=str(DEFAULT_WORK_DIR), help="folder for calibration ids, per-run files and bench.log"
+        "--work-dir",
+        help="folder for calibration ids, per-run files and bench.log (default: .cache/bench-oneshot/ for the default "
+        "model, .cache/bench-oneshot-<model folder name>/ for another)",
     )
     parser.add_argument(
         "--resume",
@@ -977,7 +1040,15 @@ def main() -> None:
     import torch
 
     global WORK_DIR
+    default_model = args.model == DEFAULT_MODEL or Path(args.model).resolve() == Path(DEFAULT_MODEL).resolve()
+    if args.work_dir is None:
+        suffix = "" if default_model else "-" + Path(args.model).resolve().name
+        args.work_dir = str(DEFAULT_WORK_DIR.with_name(DEFAULT_WORK_DIR.name + suffix))
     WORK_DIR = Path(args.work_dir).resolve()
+    if args.samples is None:
+        args.samples = 16 if args.quick else 128
+    if args.eval_windows is None and args.quick:
+        args.eval_windows = 64
     args.options = [o for o in OPTIONS if o in args.options]  # canonical order, no repeats
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
@@ -991,6 +1062,8 @@ def main() -> None:
         or args.patterns
         or set(args.methods) != set(METHODS)
         or args.options != ["uniform"]
+        or (args.samples, args.seq_len, args.eval_windows) != ((16, 256, 64) if args.quick else (128, 256, None))
+        or not default_model
     ):
         # a partial or smoke run must not replace the committed table of a full run
         output = WORK_DIR / f"oneshot-{'quick-' if args.quick else ''}{args.only or 'all'}.md"
