@@ -32,6 +32,14 @@ def add_common_options(parser: argparse.ArgumentParser, device: bool = False) ->
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables: only the result line")
 
 
+def add_window_options(parser: argparse.ArgumentParser, seq_len_help: str | None = None) -> None:
+    r"""`--seq-len`, `--max-windows` and `--batch-size`: how the evaluation text is cut and batched."""
+    seq_len_help = seq_len_help or "window length (default: min(2048, the model's positions))"
+    parser.add_argument("--seq-len", type=int, help=seq_len_help)
+    parser.add_argument("--max-windows", type=int, help="evaluate only the first windows")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+
+
 def model_source(name: str, option: str | None = None) -> str:
     r"""A model argument checked before anything loads: an existing local folder, or a Hub id."""
     return check_source(name, "model folder", option)

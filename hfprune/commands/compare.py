@@ -7,7 +7,7 @@ import math
 import os
 
 from ..analysis.corruptions import CORRUPTIONS
-from .common import CommandError, add_common_options, emit, load_model, model_source
+from .common import CommandError, add_common_options, add_window_options, emit, load_model, model_source
 
 
 SEVERITY, CORRUPTION_SEED = 0.1, 0  # the defaults of `hfprune.analysis.compare_models`
@@ -33,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--names", nargs="+", help="one name per pruned model for the tables and plots (default: the folder names)"
     )
-    parser.add_argument("--seq-len", type=int, help="window length (default: min(2048, the model's positions))")
-    parser.add_argument("--max-windows", type=int, help="evaluate only the first windows")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    add_window_options(parser)
     parser.add_argument(
         "--cka-tokens", type=int, default=4096, help="tokens sampled for linear CKA (default: %(default)s)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CommandError, add_common_options, emit, load_model, model_source
+from .common import CommandError, add_common_options, add_window_options, emit, load_model, model_source
 
 
 HELP = "perplexity on a text (standard non-overlapping windows), or zero-shot accuracy with lm-evaluation-harness"
@@ -21,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", help="text for perplexity: a file, a saved dataset folder, or a Hub dataset 'name:config'"
     )
-    parser.add_argument("--seq-len", type=int, help="window length (default: min(2048, the model's positions))")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
-    parser.add_argument("--max-windows", type=int, help="evaluate only the first windows")
+    add_window_options(parser)
     parser.add_argument(
         "--tasks",
         nargs="+",

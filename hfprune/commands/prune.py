@@ -213,7 +213,8 @@ def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: Ch
         )  # fmt: skip
         params = sum(p.numel() for p in model.parameters())
         line = f"saved to {path}: {params:,} parameters, {_widths(report.config)}"
-        table = f"structure {config.structure}, method {config.method}"
+        given = ",".join(f"{key}={value}" for key, value in config.structure.items() if value not in (None, 0, 0.0))
+        table = f"structure {given}, method {config.method}"
         if report.budget:  # the candidates of a `params` budget and their scores
             table += "\n" + budget_table(report.budget)
     else:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..config import ONESHOT_METHODS
-from .common import CommandError, add_common_options, emit, load_model, model_source
+from .common import CommandError, add_common_options, add_window_options, emit, load_model, model_source
 from .compare import check_plots
 
 
@@ -38,9 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", help="folder for sensitivity.md, sensitivity.json and sensitivity.png")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, help="calibration and evaluation window length")
-    parser.add_argument("--max-windows", type=int, help="evaluate only the first windows")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    add_window_options(parser, "calibration and evaluation window length")
     parser.add_argument(
         "--adjust", type=float, default=0.1, help="sparsity taken off the most sensitive groups (default: %(default)s)"
     )

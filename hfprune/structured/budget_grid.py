@@ -104,6 +104,8 @@ class BudgetGrid:
         for axis, count in removed.items():
             if count:
                 structure[axis] = count if axis == "blocks" else _share(count, self.units[axis])
+        if not structure.get("hidden"):  # it only chooses hidden channels
+            structure["hidden_criterion"] = None
         return structure
 
     def plan(self, removed: dict[str, int]) -> StructurePlan | None:

@@ -197,7 +197,7 @@ def budget_table(budget: dict) -> str:
 
 def structure_text(structure: dict) -> str:
     r"""A structure as the command line writes it, its nonzero entries only: `"hidden=0.125,mlp=0.3,blocks=2"`."""
-    keys = ("hidden", "mlp", "heads", "blocks", "experts", "gqa", "expert_criterion")
+    keys = ("hidden", "mlp", "heads", "blocks", "experts", "gqa", "expert_criterion", "hidden_criterion")
     return ",".join(f"{key}={structure[key]}" for key in keys if structure.get(key)) or "(dense)"
 
 

@@ -170,7 +170,8 @@ def prune_structured(
                         prune_block(job, index, kept[index], block)
             apply_config(model, run.blocks, layout, plan.head_mode)
         if plan.hidden_remove:  # last, on the residual stream the other axes left
-            prune_hidden(run, plan.hidden_remove, method, tokens, report, batch_size, dampening)
+            criterion = parsed["hidden_criterion"]
+            prune_hidden(run, plan.hidden_remove, method, tokens, report, batch_size, dampening, criterion)
     finally:
         model.train(was_training)
     if reinit:

@@ -70,6 +70,7 @@ def prune_hidden(
     report,
     batch_size: int = 8,
     dampening: float = 0.01,
+    criterion: str | None = None,
 ) -> torch.Tensor:
     r"""Removes the `num_remove` least important residual channels of `run.model` in place; returns the kept ones.
 
@@ -85,7 +86,14 @@ def prune_hidden(
             an untied lm_head as `errors["final.hidden"]`.
         batch_size (`int`, *optional*, defaults to `8`): windows per forward pass.
         dampening (`float`, *optional*, defaults to `0.01`): OBS dampening, `λ = dampening · mean(diag H)`.
+        criterion (`str`, *optional*): what chooses the channels: `"activation"`, Minitron's activations whatever
+            `method` is (`sparsegpt` still reconstructs the readers), or `"method"`, `method`'s own criterion (OBS
+            costs for `sparsegpt`). Default: activations for `sparsegpt` and `wanda` (on SmolLM2-135M and the demo
+            model, Minitron's choice with OBS reconstruction beat OBS costs with it), `method` otherwise.
     """
+    if criterion is None:
+        criterion = "activation" if method in ("sparsegpt", "wanda") else "method"
+    choice = "wanda" if criterion == "activation" else method
     model = run.model
     job = HiddenJob(run, find_residual_stream(model), tokens, batch_size, dampening)
     stream = job.stream
@@ -97,25 +105,25 @@ def prune_hidden(
     def score_block(index, readers, collector):
         for leader in dict.fromkeys(collector.leader_of.values()):
             statistic = collector.stats[leader].result()
-            if method == "wanda":
+            if choice == "wanda":
                 scores.add_(statistic.cpu())
             else:
                 members = [weight_view(readers[n]) for n, lead in collector.leader_of.items() if lead == leader]
                 scores.add_(obs_channel_costs(members, statistic, dampening).cpu())
 
-    statistic_type = {"wanda": SequenceActivationStatistic, "sparsegpt": HessianStatistic}.get(method)
+    statistic_type = {"wanda": SequenceActivationStatistic, "sparsegpt": HessianStatistic}.get(choice)
     final_H = _walk(job, statistic_type, norm_stats, score_block if statistic_type else None)
-    if method == "sparsegpt" and stream.tied_lm_head is not None:
+    if choice == "sparsegpt" and stream.tied_lm_head is not None:
         scores.add_(removal_costs([weight_view(stream.tied_lm_head)], final_H).cpu())
-    elif method == "sparsegpt" and stream.final_readers:
+    elif choice == "sparsegpt" and stream.final_readers:
         final_weights = [weight_view(m) for m in stream.final_readers.values()]
         scores.add_(obs_channel_costs(final_weights, final_H, dampening).cpu())
-    elif method == "magnitude":
+    elif choice == "magnitude":
         scores = magnitude_channel_importance(
             [weight_view(m).detach().cpu() for m in stream.readers.values()],
             [weight_view(m).detach().cpu() for m in stream.writers.values()],
         )
-    elif method == "taylor":
+    elif choice == "taylor":
         grads = calibration_gradients(model, tokens, [*stream.readers.values(), *stream.writers.values()], batch_size)
         with torch.no_grad():
             scores = taylor_channel_importance(

@@ -6,11 +6,14 @@ import re
 
 
 BUDGET_KEYS = ("params", "params_counted", "search")  # a parameter budget instead of fractions
-STRUCTURE_KEYS = ("mlp", "heads", "hidden", "blocks", "gqa", "experts", "expert_criterion", *BUDGET_KEYS)
+STRUCTURE_KEYS = (
+    "mlp", "heads", "hidden", "blocks", "gqa", "experts", "expert_criterion", "hidden_criterion", *BUDGET_KEYS,
+)  # fmt: skip
 BUDGET_AXES = ("hidden", "mlp", "heads", "blocks")  # what a `params` budget searches
 PARAMS_COUNTED = ("all", "non_embedding")  # what a `params` budget counts
 GQA_MODES = ("query", "kv")
 EXPERT_CRITERIA = ("reap", "frequency")  # how `experts` ranks the experts of a block
+HIDDEN_CRITERIA = ("method", "activation")  # what chooses the `hidden` channels: the method's criterion, or Minitron's
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -76,8 +79,27 @@ def parse_structure(structure: dict | str | None) -> dict:
             "is 0; set e.g. `experts=0.25`, or drop `expert_criterion`."
         )
     parsed["expert_criterion"] = (criterion or "reap") if parsed["experts"] else None
+    parsed["hidden_criterion"] = _parse_hidden_criterion(structure, parsed)
     parsed.update(_parse_budget(structure, parsed))
     return parsed
+
+
+def _parse_hidden_criterion(structure: dict, parsed: dict) -> str | None:
+    r"""What chooses the `hidden` channels: `"activation"` (Minitron's norm-output activations, whatever the method;
+    `sparsegpt` still reconstructs the readers), `"method"` (the structured method's own criterion: OBS costs for
+    `sparsegpt`) or `None` (the default of [`~hfprune.structured.hidden.prune_hidden`]: activations for `sparsegpt`
+    and `wanda`, the method's own criterion for `magnitude` and `taylor`)."""
+    criterion = structure.get("hidden_criterion")
+    if criterion is None:
+        return None
+    if criterion not in HIDDEN_CRITERIA:
+        raise ValueError(f"`structure['hidden_criterion']` must be one of {HIDDEN_CRITERIA}, got {criterion!r}.")
+    if not parsed["hidden"] and structure.get("params") is None:
+        raise ValueError(
+            f"`structure['hidden_criterion']`={criterion!r} chooses the channels that `hidden` removes, and `hidden` "
+            "is 0; set e.g. `hidden=0.25` (or a `params` budget), or drop `hidden_criterion`."
+        )
+    return criterion
 
 
 def _parse_budget(structure: dict, parsed: dict) -> dict:

@@ -326,3 +326,25 @@ def test_the_command_line_shrinks_hidden_and_verifies_it(capsys, tmp_path, char_
     record = json.loads((out_dir / "pruning_config.json").read_text())["structured"]
     assert len(record["hidden_channels"]) == 48 and record["config"]["hidden_size"] == 48
     assert main(["verify", str(out_dir)]) == 0
+
+
+def test_activation_criterion_chooses_as_minitron_and_sparsegpt_still_reconstructs():
+    # the channels: those `wanda` (Minitron's activations) keeps, not those of the OBS costs; the readers: updated by
+    # sparsegpt's reconstruction, so that the outputs come closer to the dense model's than the choice alone brings
+    dense = tiny("llama")
+    runs = {}
+    for name, method, structure in (
+        ("minitron", "wanda", "hidden=0.25"),
+        ("obs", "sparsegpt", "hidden=0.25,hidden_criterion=method"),
+        ("activation", "sparsegpt", "hidden=0.25,hidden_criterion=activation"),
+        ("default", "sparsegpt", "hidden=0.25"),
+    ):
+        model = tiny("llama")
+        runs[name] = (model, prune(model, structure, method))
+    assert runs["activation"][1].hidden_channels == runs["minitron"][1].hidden_channels
+    assert runs["activation"][1].hidden_channels != runs["obs"][1].hidden_channels
+    assert runs["default"][1].hidden_channels == runs["activation"][1].hidden_channels
+    reference = logits(dense)
+    error = {name: (logits(model) - reference).pow(2).mean().item() for name, (model, _) in runs.items()}
+    assert error["activation"] < error["minitron"]
+    assert set(runs["activation"][1].errors) >= {"0.hidden", "1.hidden", "2.hidden"}  # the reconstruction ran

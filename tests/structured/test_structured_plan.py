@@ -21,7 +21,7 @@ def llama(heads=8, kv_heads=2, **kwargs):
 
 
 def test_parse_structure_from_cli_string_and_dict():
-    unset = {"hidden": 0.0, "experts": 0.0, "expert_criterion": None}
+    unset = {"hidden": 0.0, "experts": 0.0, "expert_criterion": None, "hidden_criterion": None}
     cli = {"mlp": 0.5, "heads": 0.25, "blocks": 1, "gqa": None, **unset}
     assert parse_structure("mlp=0.5,heads=0.25,blocks=1") == cli
     assert parse_structure({"mlp": 0.5, "gqa": "kv"}) == {"mlp": 0.5, "heads": 0.0, "blocks": 0, "gqa": "kv", **unset}
@@ -33,6 +33,17 @@ def test_parse_structure_from_cli_string_and_dict():
         parse_structure({"blocks": 1.5})
     with pytest.raises(ValueError, match="must look like"):
         parse_structure("mlp:0.5")
+
+
+def test_hidden_criterion_needs_hidden_channels_to_choose():
+    assert parse_structure("hidden=0.25")["hidden_criterion"] is None  # prune_hidden's default, by method
+    assert parse_structure("hidden=0.25,hidden_criterion=method")["hidden_criterion"] == "method"
+    assert parse_structure("hidden=0.25,hidden_criterion=activation")["hidden_criterion"] == "activation"
+    assert parse_structure("params=0.6,hidden_criterion=activation")["hidden_criterion"] == "activation"
+    with pytest.raises(ValueError, match=r"`hidden` is 0; set e.g. `hidden=0.25`"):
+        parse_structure("mlp=0.5,hidden_criterion=activation")
+    with pytest.raises(ValueError, match=r"must be one of \('method', 'activation'\), got 'obs'"):
+        parse_structure("hidden=0.25,hidden_criterion=obs")
 
 
 def test_counts_for_grouped_query_attention():
