@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 import hfprune
 from hfprune import PruningConfig, PruningTrainer
 from hfprune.calibration.data import load_text, tokenize_text
+from hfprune.structured.budget_search import budget_table, structure_text
 from hfprune.training.distillation import DistillationArguments
 
 
@@ -62,9 +63,11 @@ def main() -> None:
 
     # 3. Structured pruning: a smaller dense model with a standard config (`intermediate_size` halved)
     rows = [("dense", ppl(teacher), sum(p.numel() for p in teacher.parameters()))]
-    hfprune.prune_structured(student, pruning_config, calibration=model_args.calibration_file, tokenizer=tokenizer)
-    structure = ",".join(f"{part}={value}" for part, value in pruning_config.structure.items() if value)
-    rows.append((f"{pruning_config.method} {structure}", ppl(student), None))
+    #    (with a budget such as `structure: {params: 0.7}`, the structure the search picked; its candidates are printed)
+    report = hfprune.prune_structured(student, pruning_config, model_args.calibration_file, tokenizer)
+    if report.budget:
+        print(budget_table(report.budget))
+    rows.append((f"{pruning_config.method} {structure_text(report.structure)}", ppl(student), None))
 
     # 4. Distillation from the dense teacher; the student has no masks to keep, so `pruning_config=None`
     ids = tokenize_text(load_text(model_args.train_file), tokenizer)

@@ -291,3 +291,24 @@ def test_the_distillation_recipe_parses_with_its_example():
         assert "examples/structured_distillation.py" in f.read()
     signature = inspect.signature(PruningTrainer.__init__).parameters
     assert set(vars(distillation)) <= set(signature)  # every field is a keyword argument of the trainer
+
+
+def test_the_budget_recipe_parses_and_its_budget_is_checked_before_any_weight_loads():
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+
+    from hfprune.structured import BudgetGrid
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    recipe = os.path.join(repo, "recipes", "demo-model", "sparsegpt_params70_distill.yaml")
+    parser = HfArgumentParser((PruningConfig, TrainingArguments))
+    config, args = parser.parse_yaml_file(recipe, allow_extra_keys=True)
+    assert (config.structure["params"], config.structure["params_counted"]) == (0.7, "all")
+    assert (config.budget_candidates, config.method) == (4, "sparsegpt")
+    assert config.num_calibration_samples == 64 and args.max_steps == 100
+    demo = os.path.join(repo, "examples", "demo-model")
+    with torch.device("meta"):  # the budget on the shipped model's skeleton: 13 structures reach it
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo))
+    candidates = BudgetGrid(skeleton, config.structure).candidates()
+    assert len(candidates) == 13 and all(c.parameters <= int(0.7 * 1_115_264) for c in candidates)
