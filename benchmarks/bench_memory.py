@@ -34,9 +34,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def run(command: list[str], threads: int, log) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return result.stdout
+
+
+def run_measured(command: list[str], threads: int, log) -> tuple[str, int, float]:
+    r"""`run` under `/usr/bin/time -v`: the stdout, the whole process's maximum resident set size (bytes) and its
+    wall seconds, measured the same way whatever the tool."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        stdout = run(["/usr/bin/time", "-v", "-o", report.name, *command], threads, log)
+        text = report.read()
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(elapsed.split(":"))))
+    return stdout, peak_kib * 1024, seconds
 
 
 def folder_digest(folder: Path) -> str:
@@ -181,8 +195,18 @@ def peer_part(args, log) -> list[str]:
     rows = [
         setting,
         "",
-        "| method | hfprune mode | hfprune peak GiB | llm-compressor peak GiB | ratio |",
-        "| --- | --- | ---: | ---: | ---: |",
+        (
+            "Whole process: the maximum resident set size and wall time of each tool's whole process by `/usr/bin/time "
+            "-v` (start, imports, loading, pruning and saving: hfprune's command writes the whole model, llm-compressor's "
+            "driver only the pruned weights). After loading: llm-compressor's peak during its `oneshot` call as its "
+            "driver reports it (`VmHWM` after a reset once the model is loaded), which leaves out the loading."
+        ),
+        "",
+        (
+            "| method | hfprune mode | hfprune whole-process peak GiB | llm-compressor whole-process peak GiB | ratio "
+            "| hfprune wall s | llm-compressor wall s | time ratio | llm-compressor peak after loading GiB |"
+        ),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method in args.methods:
         out_dir = WORK_DIR / f"llmc-{method}"
@@ -192,8 +216,8 @@ def peer_part(args, log) -> list[str]:
             "--calibration", str(ids_file), "--method", method, "--sparsity", "0.5", "--threads", str(args.threads),
             "--output-dir", str(out_dir),
         ]  # fmt: skip
-        run(command, args.threads, log)
-        peer = json.loads((out_dir / "result.json").read_text())["peak_rss"]
+        _, peer, peer_seconds = run_measured(command, args.threads, log)
+        peer_call = json.loads((out_dir / "result.json").read_text())["peak_rss"]
         for mode in ("streaming", "streaming, activations on disk"):
             out = WORK_DIR / "out"
             shutil.rmtree(out, ignore_errors=True)
@@ -201,9 +225,11 @@ def peer_part(args, log) -> list[str]:
                 "prune", str(model), "--method", method, "--sparsity", "0.5", "--calibration", str(model / "calib.txt"),
                 "--num-samples", "128", "--seq-len", "256", "--output", str(out), "--quiet", *MODES[mode],
             ]  # fmt: skip
-            stdout = run([sys.executable, __file__, "--worker", *cli], args.threads, log)
-            peak = json.loads(stdout.strip().splitlines()[-1])["peak_rss"]
-            rows.append(f"| {method} | {mode} | {peak / GIB:.2f} | {peer / GIB:.2f} | {peak / peer:.2f} |")
+            _, peak, seconds = run_measured([sys.executable, "-m", "hfprune", *cli], args.threads, log)
+            rows.append(
+                f"| {method} | {mode} | {peak / GIB:.2f} | {peer / GIB:.2f} | {peak / peer:.2f} | {seconds:.0f} | "
+                f"{peer_seconds:.0f} | {seconds / peer_seconds:.2f} | {peer_call / GIB:.2f} |"
+            )
             print(rows[-1], flush=True)
             shutil.rmtree(out, ignore_errors=True)
     return rows

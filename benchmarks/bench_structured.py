@@ -86,10 +86,19 @@ def load(path: str):
 # ---------------------------------------------------------------------------------------------------------------
 # kdoc: perplexity with no training
 # ---------------------------------------------------------------------------------------------------------------
+EVAL = {"seq_len": 256, "max_windows": None}  # every row's perplexity: set from --eval-seq-len / --eval-windows
+
+
+def eval_text() -> str:
+    windows = "all" if EVAL["max_windows"] is None else f"the first {EVAL['max_windows']} windows"
+    return f"{windows} of `eval.txt`, windows of {EVAL['seq_len']} tokens"
+
+
 def evaluate(model, tokenizer, model_dir: str) -> float:
     from hfprune import perplexity
 
-    return perplexity(model, tokenizer, os.path.join(model_dir, "eval.txt"), seq_len=256, progress=False)
+    path = os.path.join(model_dir, "eval.txt")
+    return perplexity(model, tokenizer, path, seq_len=EVAL["seq_len"], max_windows=EVAL["max_windows"], progress=False)
 
 
 def dense_row(args, tokenizer, log) -> dict:
@@ -410,8 +419,8 @@ def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path, 
             f"## Perplexity with no training ({os.path.basename(os.path.normpath(args.model))})",
             "",
             (
-                f"Model `{os.path.basename(os.path.normpath(args.model))}`; calibration 128 windows x 256 tokens of `calib.txt` (seed 0); perplexity on all "
-                "of `eval.txt`, windows of 256 tokens (`hfprune.perplexity`). No fine-tuning after pruning. Parameters "
+                f"Model `{os.path.basename(os.path.normpath(args.model))}`; calibration 128 windows x 256 tokens of `calib.txt` (seed 0); perplexity on {eval_text()} "
+                "(`hfprune.perplexity`). No fine-tuning after pruning. Parameters "
                 "count the tied embedding once. Time is the pruning wall time (CPU, shared machine)."
             ),
             "",
@@ -423,8 +432,7 @@ def write_report(args, command: str, kdoc, tp_rows, speed, loads, output: Path, 
                          f"| {r['params']:,} | {r['params'] / dense['params']:.3f} | {r['seconds']:.1f} |")  # fmt: skip
         if not tp_rows:
             lines += ["", "torch-pruning rows: not measured in this run."]
-        lines += ["", ("An earlier measurement (not from this script) had torch-pruning's best criterion at "
-                  "mlp=0.5 at perplexity 136.3 on this model."), ""]  # fmt: skip
+        lines += [""]
     if speed:
         lines += [
             "## CPU speed (random wide Llama)",
@@ -474,6 +482,8 @@ def main() -> None:
     parser.add_argument("--tp-criteria", nargs="+", default=list(TP_CRITERIA), choices=TP_CRITERIA)
     parser.add_argument("--tp-structures", nargs="+", default=["mlp=0.25", "mlp=0.5"], help="MLP-only structures")
     parser.add_argument("--tp-python", default=str(TP_PYTHON), help="python of the torch-pruning environment")
+    parser.add_argument("--eval-seq-len", type=int, default=256, help="tokens per evaluation window")
+    parser.add_argument("--eval-windows", type=int, help="evaluate the first windows only (default: all of eval.txt)")
     parser.add_argument("--recovery-steps", type=int, default=300, help="optimizer steps of every recovery row")
     parser.add_argument("--recovery-batch-size", type=int, default=8, help="256-token windows per recovery step")
     parser.add_argument("--recovery-lr", type=float, default=5e-4, help="learning rate of the pruned models (a, b)")
@@ -486,6 +496,7 @@ def main() -> None:
         return tp_worker(json.loads(Path(args.tp_worker).read_text()))
     if args.memory_worker:
         return memory_worker(args.memory_worker)
+    EVAL.update(seq_len=args.eval_seq_len, max_windows=args.eval_windows)
 
     import torch
     from transformers import AutoTokenizer
