@@ -57,7 +57,7 @@ def decode(model, prompt) -> None:
     out = model(prompt, use_cache=True, logits_to_keep=1)
     for _ in range(DECODE_STEPS):
         token = out.logits[:, -1:].argmax(-1)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(token, cache=out.cache, use_cache=True, logits_to_keep=1)
 
 
 def memory_worker(folder: str, prompt_len: int) -> None:
@@ -102,7 +102,7 @@ def main() -> None:
     dense = load(args.model)
     folders = {"dense": Path(args.model)}
     for structure in structures(dense, args.targets, args.structures):
-        folder = WORK_DIR / structure.replace("=", "").replace(",", "-")
+        folder = WORK_DIR / Path(args.model).name / structure.replace("=", "").replace(",", "-")
         if not (folder / "config.json").exists():
             model = load(args.model)
             ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
