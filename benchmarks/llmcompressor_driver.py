@@ -98,6 +98,12 @@ def main() -> None:
         help="run llm-compressor's OWL as shipped (fails in 0.14: see patch_owl)",
     )
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument(
+        "--plain-load",
+        action="store_true",
+        help="load with plain from_pretrained and save the pruned weights without copies, for a whole-process peak "
+        "measured from outside (/usr/bin/time -v) that counts only what llm-compressor itself needs",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -114,7 +120,12 @@ def main() -> None:
     ids = torch.load(args.calibration)  # (samples, seq_len)
     samples, seq_len = ids.shape
     dataset = Dataset.from_dict({"input_ids": ids.tolist()})
-    model, peak_reset = load_for_measurement(args.model)
+    if args.plain_load:
+        from transformers import AutoModelForCausalLM
+
+        model, peak_reset = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), False
+    else:
+        model, peak_reset = load_for_measurement(args.model)
     layer_class = type(model.model.layers[0]).__name__  # e.g. LlamaDecoderLayer: its Linear modules are pruned
     try:
         processor = AutoTokenizer.from_pretrained(args.model)
@@ -169,7 +180,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pruned = {
-        f"{name}.weight": module.weight.detach().contiguous().clone()
+        f"{name}.weight": module.weight.detach() if args.plain_load else module.weight.detach().contiguous().clone()
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
     }
