@@ -314,6 +314,7 @@ def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
 
     from hfprune.calibration.data import calibration_windows
     from hfprune.structured import prune_structured, reinit_like
+    from hfprune.structured.budget_search import structure_text
 
     steps, batch = args.recovery_steps, args.recovery_batch_size
     windows = calibration_windows(os.path.join(args.model, "train.txt"), tokenizer, steps * batch, 256, seed=0)
@@ -323,8 +324,10 @@ def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
     rows.append(dense_row)
     log(f"recovery dense: ppl {dense_row['before']:.2f}")
     pruned = load(args.model)
-    prune_structured(pruned, "mlp=0.5", ids, method="sparsegpt", num_calibration_samples=ids.shape[0],
-                     calibration_seq_len=ids.shape[1], device="cpu", progress=False)  # fmt: skip
+    report = prune_structured(pruned, args.recovery_structure, ids, method="sparsegpt",
+                              num_calibration_samples=ids.shape[0], calibration_seq_len=ids.shape[1], device="cpu",
+                              progress=False)  # fmt: skip
+    structure = structure_text(report.structure)  # with a `params` budget: the structure the search picked
     pruned_ppl = evaluate(pruned.eval(), tokenizer, args.model)
     torch.manual_seed(0)
     scratch = AutoModelForCausalLM.from_config(matched_dense_config(dense.config, count_params(pruned)))
@@ -332,9 +335,9 @@ def run_recovery(args, ids, tokenizer, log, rows: list, save) -> None:
         f"dense Llama, {scratch.config.num_hidden_layers} blocks, MLP {scratch.config.intermediate_size}, random init"
     )
     cases = [  # row, model, what, loss, learning rate, teacher
-        ("a", copy.deepcopy(pruned), "sparsegpt mlp=0.5", "distillation (KL)", args.recovery_lr, dense),
-        ("b", copy.deepcopy(pruned), "sparsegpt mlp=0.5", "LM", args.recovery_lr, None),
-        ("c", reinit_like(pruned, seed=0), "mlp=0.5 architecture, re-initialized", "LM", args.scratch_lr, None),
+        ("a", copy.deepcopy(pruned), f"sparsegpt {structure}", "distillation (KL)", args.recovery_lr, dense),
+        ("b", copy.deepcopy(pruned), f"sparsegpt {structure}", "LM", args.recovery_lr, None),
+        ("c", reinit_like(pruned, seed=0), f"{structure} architecture, re-initialized", "LM", args.scratch_lr, None),
         ("d", scratch, shape, "LM", args.scratch_lr, None),
     ]  # fmt: skip
     del pruned
@@ -355,7 +358,8 @@ def recovery_lines(args, rows: list) -> list[str]:
         f"## Recovery by training after structured pruning ({Path(args.model).name})",
         "",
         (
-            f"`mlp=0.5` with `sparsegpt` (calibration as above), then {args.recovery_steps} optimizer steps of "
+            f"`{args.recovery_structure}` with `sparsegpt` (calibration as above; with a `params` budget, the rows "
+            f"name the structure the search picked), then {args.recovery_steps} optimizer steps of "
             f"{args.recovery_batch_size} x 256 tokens ({tokens:,} tokens) drawn from `train.txt` (seed 0), the same "
             "batches in the same order for every row. (a) distillation from the dense model with `PruningTrainer"
             "(..., pruning_config=None, teacher_model=dense)`: T^2 KL(teacher || student) on the logits at T = 1, no LM "
@@ -483,6 +487,9 @@ def main() -> None:
     parser.add_argument("--tp-structures", nargs="+", default=["mlp=0.25", "mlp=0.5"], help="MLP-only structures")
     parser.add_argument("--tp-python", default=str(TP_PYTHON), help="python of the torch-pruning environment")
     parser.add_argument("--eval-seq-len", type=int, default=256, help="tokens per evaluation window")
+    parser.add_argument(
+        "--recovery-structure", default="mlp=0.5", help="structure of the recovery rows, e.g. 'params=0.6' (a budget)"
+    )
     parser.add_argument("--eval-windows", type=int, help="evaluate the first windows only (default: all of eval.txt)")
     parser.add_argument("--recovery-steps", type=int, default=300, help="optimizer steps of every recovery row")
     parser.add_argument("--recovery-batch-size", type=int, default=8, help="256-token windows per recovery step")
