@@ -288,7 +288,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}."
     )
     protocol = (
-        f"Model `{args.model}`; calibration {args.samples} x {args.seq_len} tokens of `calib.txt` (seed 0). CPU time "
+        f"Model `{os.path.relpath(args.model, REPO_ROOT)}`; calibration {args.samples} x {args.seq_len} tokens of `calib.txt` (seed 0). CPU time "
         "is this process's (`time.process_time`), the figure that stays meaningful on a shared machine."
     )
     lines = [

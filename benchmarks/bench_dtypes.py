@@ -165,7 +165,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} (CPU seconds are this process's; wall seconds grow with the load)."
     )
     protocol = (
-        f"Model `{args.model}` loaded in each dtype; calibration {args.samples} x {args.seq_len} tokens of "
+        f"Model `{os.path.relpath(args.model, REPO_ROOT)}` loaded in each dtype; calibration {args.samples} x {args.seq_len} tokens of "
         f"`calib.txt` (seeds {', '.join(map(str, args.seeds))}); perplexity on the first {args.eval_windows} windows "
         f"of {args.seq_len} tokens of `eval.txt`, in the dtype the model was pruned in and in float32 after "
         "`model.float()`."

@@ -23,13 +23,16 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_structured import time_interleaved
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -128,16 +131,7 @@ def main() -> None:
             for fn in cases.values():
                 fn(model)
         for case, fn in cases.items():
-            times = {name: [] for name in models}
-            for round_ in range(args.repeats):
-                for name in list(models) if round_ % 2 == 0 else list(models)[::-1]:
-                    begin = time.perf_counter()
-                    fn(models[name])
-                    times[name].append(time.perf_counter() - begin)
-            for name in models:
-                rows[name][case] = statistics.median(times[name])
-                ratios = [t / d for t, d in zip(times[name], times["dense"], strict=True)]
-                rows[name][case + "_ratio"] = statistics.median(ratios)
+            time_interleaved(models, case, fn, args.repeats, rows)
             print(f"{case}: " + ", ".join(f"{n} {rows[n][case]:.3f} s" for n in models), flush=True)
     dense_params = count_params(models["dense"])
     for name, model in models.items():

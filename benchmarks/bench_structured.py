@@ -250,17 +250,23 @@ def run_speed(args, log) -> dict:
             for fn in cases.values():
                 fn(model)
         for case, fn in cases.items():
-            times = {name: [] for name in models}
-            for round_ in range(args.repeats):
-                order = list(models) if round_ % 2 == 0 else list(models)[::-1]  # dense first, then last
-                for name in order:
-                    times[name].append(timed(fn, models[name]))
-            for name in models:
-                result[name][case] = statistics.median(times[name])
-                ratios = [t / d for t, d in zip(times[name], times["dense"], strict=True)]
-                result[name][case + "_ratio"] = statistics.median(ratios)
+            time_interleaved(models, case, fn, args.repeats, result)
             log(f"speed {case}: " + ", ".join(f"{n} {result[n][case]:.3f} s" for n in models))
     return result
+
+
+def time_interleaved(models: dict, case: str, fn, repeats: int, result: dict) -> None:
+    r"""Times `fn(model)` for every model `repeats` times, the order reversed every other round (dense first, then
+    last), into `result[name][case]` (median seconds) and `result[name][case + "_ratio"]` (median of the per-round
+    ratios to `models["dense"]`)."""
+    times = {name: [] for name in models}
+    for round_ in range(repeats):
+        for name in list(models) if round_ % 2 == 0 else list(models)[::-1]:
+            times[name].append(timed(fn, models[name]))
+    for name in models:
+        result[name][case] = statistics.median(times[name])
+        ratios = [t / d for t, d in zip(times[name], times["dense"], strict=True)]
+        result[name][case + "_ratio"] = statistics.median(ratios)
 
 
 # ---------------------------------------------------------------------------------------------------------------

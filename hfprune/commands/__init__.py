@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     r"""Runs one `hfprune` command and returns its exit status (0 done, 1 a check failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False) or getattr(args, "json", False):  # no loading bars from transformers either
+    if getattr(args, "quiet", False) or getattr(args, "json", False):  # no loading bars from transformers, anywhere
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

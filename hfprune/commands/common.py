@@ -56,7 +56,6 @@ def load_model(
     source: str,
     dtype: str = "auto",
     *,
-    quiet: bool = False,
     device: str | None = None,
     plain: bool = False,
     offload_folder: str | None = None,
@@ -66,7 +65,6 @@ def load_model(
     Args:
         source (`str`): a local folder or a Hub id, as [`model_source`] checked it.
         dtype (`str`): one of [`DTYPES`].
-        quiet (`bool`): no loading progress bars.
         device (`str`, *optional*): move the model there; by default it stays where it loads (the CPU).
         plain (`bool`): load with `AutoModelForCausalLM.from_pretrained` (a dense model that may carry no
             `pruning_config.json`); otherwise with [`~hfprune.load_pretrained`], which also reads compact checkpoints
@@ -76,13 +74,10 @@ def load_model(
     """
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from ..checkpoints import load_pretrained, read_record
     from ..models.offload import offload_messages_silenced
 
-    if quiet:
-        hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if offload_folder:
         kwargs.update(device_map=streaming_device_map(source), offload_folder=offload_folder)

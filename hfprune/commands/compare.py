@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     sources = [model_source(path) for path in args.pruned]
     data = resolve_text_source(args.data, "--data")
     device = str(default_device(args.device))
-    dense, tokenizer = load_model(dense_source, args.dtype, quiet=args.quiet, device=device, plain=True)
+    dense, tokenizer = load_model(dense_source, args.dtype, device=device, plain=True)
     pruned = {}
     for name, source in zip(names, sources, strict=True):
-        pruned[name], pruned_tokenizer = load_model(source, args.dtype, quiet=args.quiet, device=device)
+        pruned[name], pruned_tokenizer = load_model(source, args.dtype, device=device)
         tokenizer = tokenizer or pruned_tokenizer
     if tokenizer is None:
         raise CommandError(f"no tokenizer found in {args.dense} or the pruned folders; the evaluation text needs one.")

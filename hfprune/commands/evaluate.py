@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration import default_device
 
     device = str(default_device(args.device))
-    model, tokenizer = load_model(source, args.dtype, quiet=args.quiet, device=device, plain=True)
+    model, tokenizer = load_model(source, args.dtype, device=device, plain=True)
     if tokenizer is None:
         raise CommandError(f"no tokenizer found in {args.model}; evaluation text and tasks need one.")
     result: dict = {"model": args.model}

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 def _prune_and_save(args: argparse.Namespace, config: PruningConfig, checked: CheckedInputs, offload_folder) -> int:
     from ..evaluation import perplexity
 
-    model, _ = load_model(checked.source, args.dtype, quiet=args.quiet, offload_folder=offload_folder)
+    model, _ = load_model(checked.source, args.dtype, offload_folder=offload_folder)
 
     def measure() -> float:
         return perplexity(

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import sparsity_report
 
-    model, _ = load_model(model_source(args.model), args.dtype, quiet=args.quiet, plain=True)
+    model, _ = load_model(model_source(args.model), args.dtype, plain=True)
     report = sparsity_report(model)
     width = max((len(n) for n in report), default=6)
     emit(args, report, "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in report.items()))

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = resolve_text_source(args.calibration, "--calibration") if args.calibration else None
     data = resolve_text_source(args.data, "--data")
     device = str(default_device(args.device))
-    model, tokenizer = load_model(source, args.dtype, quiet=args.quiet, device=device, plain=True)
+    model, tokenizer = load_model(source, args.dtype, device=device, plain=True)
     if tokenizer is None:
         raise CommandError(f"no tokenizer found in {args.model}; calibration and evaluation text need one.")
     report = sensitivity(
