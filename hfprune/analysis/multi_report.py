@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
+from ..utils.files import finite_floats, relative_files, write_json_atomic, write_text_atomic
 from .report import ComparisonReport
 
 
@@ -164,5 +164,9 @@ class MultiComparisonReport:
         for model in self.models:
             model.files = dict(files)
         write_text_atomic(markdown_path, comparison_markdown(self, files))
-        write_json_atomic(json_path, self.to_dict())
+        data, relative = self.to_dict(), relative_files(files, output_dir)
+        data["files"] = relative  # the JSON names the files relative to its folder
+        for model in data.get("models", []):
+            model["files"] = relative
+        write_json_atomic(json_path, data)
         return files

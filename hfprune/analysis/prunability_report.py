@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
+from ..utils.files import finite_floats, relative_files, write_json_atomic, write_text_atomic
 from .landscape import classify_regime, regime_advice
 from .prunability_config import PrunabilityConfig, temperature_rises
 
@@ -241,5 +241,5 @@ class PrunabilityResult:
         files["markdown"] = write_text_atomic(os.path.join(output_dir, RESULTS_MARKDOWN), self.to_markdown(plots))
         files["json"] = os.path.abspath(os.path.join(output_dir, RESULTS_JSON))
         self.files = files
-        write_json_atomic(files["json"], self.to_dict())
+        write_json_atomic(files["json"], {**self.to_dict(), "files": relative_files(files, output_dir)})
         return files

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import PruningConfig
 from ..models import find_decoder_blocks, find_targets, weight_view
 from ..sparsity import SparsityTarget
-from ..utils.files import finite_floats, write_json_atomic, write_text_atomic
+from ..utils.files import finite_floats, relative_files, write_json_atomic, write_text_atomic
 
 
 GROUPINGS = ("block", "module_kind")
@@ -111,7 +111,7 @@ class SensitivityReport:
         files["markdown"] = write_text_atomic(os.path.join(output_dir, REPORT_MARKDOWN), self.to_markdown(plots))
         files["json"] = os.path.abspath(os.path.join(output_dir, REPORT_JSON))
         self.files = files
-        write_json_atomic(files["json"], self.to_dict())
+        write_json_atomic(files["json"], {**self.to_dict(), "files": relative_files(files, output_dir)})
         return files
 
 

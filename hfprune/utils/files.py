@@ -51,6 +51,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> str:
     return write_text_atomic(path, json.dumps(finite_floats(data), indent=2, allow_nan=False) + "\n")
 
 
+def relative_files(files: dict[str, str], folder: str | os.PathLike) -> dict[str, str]:
+    r"""`files` (kind -> path) with every path written relative to `folder`: what a report's JSON keeps, so that the
+    report folder can be moved or shared and still names its own plots."""
+    return {kind: os.path.relpath(path, folder) for kind, path in files.items()}
+
+
 def finite_floats(value: Any) -> Any:
     r"""The same structure of dicts, lists and scalars with every non-finite float replaced by `None`."""
     if isinstance(value, float):

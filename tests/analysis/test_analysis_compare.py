@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import os
 import re
 
 import pytest
@@ -162,6 +163,8 @@ def test_output_folder_has_the_report_and_valid_pngs(tiny_model, char_tokenizer,
             image.verify()
             assert image.size[0] > 100 and image.size[1] > 100
     saved = json.loads((out / "report.json").read_text())
+    assert sorted(saved["files"].values()) == names  # named relative to the report's folder, which can move
+    assert report.files["json"] == os.path.abspath(out / "report.json")  # the API returns absolute paths
     assert saved["dense_perplexity"] == pytest.approx(report.dense_perplexity)
     assert saved["pruned_perplexity"] == pytest.approx(report.pruned_perplexity)
     assert [b["cka"] for b in saved["blocks"]] == pytest.approx([b.cka for b in report.blocks])

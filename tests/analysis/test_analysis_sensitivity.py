@@ -138,6 +138,7 @@ def test_sensitivity_report_files(tiny_model, eval_ids, tmp_path):
     assert names == ["sensitivity.json", "sensitivity.md", "sensitivity.png"]
     assert (tmp_path / "s" / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert saved["files"] == {"plot": "sensitivity.png", "markdown": "sensitivity.md", "json": "sensitivity.json"}
     assert [g["increase"] for g in saved["groups"]] == pytest.approx([g.increase for g in report.groups])
     assert saved["suggested_overrides"] == report.suggested_overrides
     # Two equal blocks: the more sensitive one goes to 0.8, the other would go to 1.0 but is capped at 0.95.
