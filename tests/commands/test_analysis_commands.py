@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 
 import pytest
 
@@ -49,7 +50,13 @@ def test_compare_command_writes_the_report_and_json(folders, capsys):
     )
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "report.json").read_text())
+    # the file names its files relative to its folder; the printed JSON gives where they are
+    assert saved["files"] == {k: os.path.relpath(v, out) for k, v in printed["files"].items()}
+    assert printed["files"]["markdown"] == str(out / "report.md")
+    assert [m["files"] for m in saved["models"]] == [saved["files"]]
+    assert printed == {**saved, "files": printed["files"], "models": printed["models"]}
+    assert printed["models"] == [{**m, "files": printed["files"]} for m in saved["models"]]
     assert printed["num_windows"] == 8 and printed["seq_len"] == 32
     assert {p.name for p in out.iterdir()} == {
         "report.md",

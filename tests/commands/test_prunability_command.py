@@ -46,7 +46,11 @@ def sweep_args(folders, *extra, temperatures=("0.01", "0.001"), loads=("0.5",), 
 def test_the_command_runs_a_sweep_and_prints_its_result(folders, capsys):
     assert main(sweep_args(folders, "--json", "--quiet")) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((folders / "sweep" / "results.json").read_text())
+    saved = json.loads((folders / "sweep" / "results.json").read_text())
+    # the file names its files relative to its folder; the printed JSON gives where they are
+    assert saved["files"] == {k: os.path.relpath(v, folders / "sweep") for k, v in printed["files"].items()}
+    assert printed["files"]["json"] == str(folders / "sweep" / "results.json")
+    assert printed == {**saved, "files": printed["files"]}
     assert [(c["temperature"], c["load"]) for c in printed["cells"]] == [(0.001, "0.5"), (0.01, "0.5")]
     assert printed["knob"] == "lr" and printed["config"]["recovery_steps"] == 2
     assert printed["ranking"]["load"] == "0.5" and len(printed["ranking"]["checkpoints"]) == 2
